@@ -1,0 +1,16 @@
+//! gateway: the public gRPC API of densebert4ret. It encodes each query
+//! through encoder-svc, searches every index shard in parallel and merges the
+//! global top-k; ingest and deletes go to the shard that owns each id.
+
+pub mod cluster;
+pub mod error;
+pub mod ingest;
+pub mod routing;
+pub mod search;
+pub mod service;
+pub mod settings;
+pub mod validate;
+
+pub use cluster::Cluster;
+pub use service::GatewayService;
+pub use settings::GatewaySettings;
