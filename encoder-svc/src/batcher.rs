@@ -2,7 +2,7 @@
 //! one model worker thread as a single forward pass.
 //!
 //! The worker blocks for the first request, then takes whatever else is
-//! queued; it waits up to `max_wait_ms` for more only while the batch is not
+//! queued. It waits up to `max_wait_ms` for more only while the batch is not
 //! full. Requests whose client went away or whose deadline passed are dropped
 //! before the forward pass. Composed queries and catalog images share a batch:
 //! their images go through the backbone together.
@@ -44,7 +44,7 @@ pub enum Embedded {
     Image { embedding: Vec<f32>, features: Vec<f32> },
 }
 
-/// Where a request spent its time inside the batcher.
+/// Time a request spent inside the batcher.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BatchTiming {
     /// Time from enqueue to the start of the batch's forward pass.

@@ -105,8 +105,8 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs one mixed batch (a composed query and a catalog image) so the first
-/// client request does not pay for lazy initialisation; the health service
+/// Runs one mixed batch (a composed query and a catalog image), so the first
+/// client request does not pay for lazy initialisation. The health service
 /// reports SERVING only afterwards.
 async fn warm_up(batcher: &Batcher, preprocessor: &Preprocessor, model: &encoder_svc::LoadedModel) -> anyhow::Result<()> {
     let started = std::time::Instant::now();

@@ -68,8 +68,8 @@ impl Preprocessor {
     /// Validates and tokenises the modification texts of one query.
     ///
     /// NOTE: several texts are composed by joining them, in order, into one
-    /// sentence sequence for the text encoder; the fusion head sees a single
-    /// text embedding.
+    /// sentence sequence for the text encoder, so the fusion head receives a
+    /// single text embedding.
     pub async fn texts(&self, texts: Vec<String>) -> Result<(Vec<i64>, u64), EncoderError> {
         let started = Instant::now();
         if texts.is_empty() {

@@ -46,11 +46,11 @@ pub struct LimitSettings {
     /// Largest decoded image, in pixels (width x height), read from the image
     /// header before decoding.
     pub max_image_pixels: u64,
-    /// Most images in one EmbedImages request.
+    /// Maximum number of images in one EmbedImages request.
     pub max_images_per_request: usize,
     /// Most modification texts in one query.
     pub max_texts: usize,
-    /// Longest text, in characters, checked before tokenisation.
+    /// Maximum text length in characters, checked before tokenisation.
     pub max_text_chars: usize,
     /// `reject` texts longer than the model's token limit, or `truncate`
     /// them; unset keeps the policy in the model's config.json.

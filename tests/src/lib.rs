@@ -28,8 +28,8 @@ pub fn binary_dir() -> anyhow::Result<PathBuf> {
     Ok(dir.to_path_buf())
 }
 
-/// The trained model the tests serve: `DB4R_MODEL_DIR`, else the default
-/// model, else the quick one that scripts/test.sh trains.
+/// Returns the trained model the tests serve: `DB4R_MODEL_DIR`, else the
+/// default model, else the one that scripts/test.sh trains.
 pub fn model_dir() -> anyhow::Result<PathBuf> {
     if let Ok(dir) = std::env::var("DB4R_MODEL_DIR") {
         return Ok(PathBuf::from(dir));
@@ -150,7 +150,7 @@ impl LocalCluster {
         Ok(())
     }
 
-    /// The last lines of every service log, for failure messages.
+    /// Returns the last lines of every service log, for failure messages.
     pub fn log_tails(&self) -> String {
         let mut text = String::new();
         for process in &self.processes {

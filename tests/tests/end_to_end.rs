@@ -98,7 +98,8 @@ async fn cluster_serves_composed_queries() {
     assert!(response.items.iter().all(|item| item.id != reference.id), "reference excluded");
     assert_eq!(attributes(&response)[0], ("sneaker".to_string(), "red".to_string()));
     let timing = response.encode_timing.expect("timing");
-    assert!(timing.batch_size >= 1 && timing.inference_us > 0);
+    assert!(timing.batch_size >= 1, "batch size {}", timing.batch_size);
+    assert!(timing.inference_us > 0, "inference time missing");
 
     // Deleting the best hit removes it from later results.
     let deleted_id = response.items[0].id.clone();
