@@ -1,0 +1,348 @@
+//! Frozen backbone features of every image and text a run uses, cached on disk.
+//!
+//! The backbones never change during head training, so their outputs are
+//! computed once. The cache file name is a SHA-256 over the weight files, the
+//! image size, the training subset and the query texts, so a rerun with the
+//! same inputs loads the features instead of recomputing them.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use densebert4ret_datasets::{tinted_image, SplitData};
+use densebert4ret_model::{
+    image_to_chw, pad_batch, stack_images, Backbones, ImageArchitecture, Pooling, TextTokenizer,
+    TokenOverflow, TEXT_CONFIG_FILE, TEXT_TOKENIZER_FILE, TEXT_WEIGHTS_FILE,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tch::{Device, Kind, Tensor};
+
+use crate::benchmark::Benchmark;
+use crate::error::{Result, TrainerError};
+use crate::progress::Progress;
+
+/// Version of the cache layout; bump it when the stored tensors change meaning.
+const CACHE_FORMAT: u32 = 1;
+
+/// Images per backbone forward pass.
+const IMAGE_BATCH: usize = 64;
+
+/// Texts per text-encoder forward pass.
+const TEXT_BATCH: usize = 128;
+
+/// Backbones and input settings that determine the features.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeatureSpec {
+    /// Image backbone architecture.
+    pub architecture: ImageArchitecture,
+    /// Safetensors weights of the image backbone.
+    pub image_weights: PathBuf,
+    /// Directory with the text encoder's `config.json`, `model.safetensors` and `tokenizer.json`.
+    pub text_dir: PathBuf,
+    /// Side in pixels that the 28-pixel images are resized to.
+    pub image_size: u32,
+    /// Maximum tokens per text, special tokens included.
+    pub max_tokens: usize,
+    /// Pooling of the text encoder's token states.
+    pub pooling: Pooling,
+}
+
+/// Cached features, rows aligned with the benchmark.
+#[derive(Debug)]
+pub struct Features {
+    /// `[train_pool.len(), image_dim]`, row `i` is `train_pool[i]`.
+    pub train_images: Tensor,
+    /// `[10_000, image_dim]`, row `i` is test image `i`.
+    pub test_images: Tensor,
+    /// `[texts.len(), text_dim]`, row `i` is `texts[i]`.
+    pub texts: Tensor,
+}
+
+impl Features {
+    /// Width of the image features.
+    pub fn image_dim(&self) -> i64 {
+        self.test_images.size()[1]
+    }
+
+    /// Width of the text features.
+    pub fn text_dim(&self) -> i64 {
+        self.texts.size()[1]
+    }
+}
+
+/// Inputs that determine the cached features, stored beside the tensors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct CacheKey {
+    format: u32,
+    architecture: String,
+    image_weights_sha256: String,
+    text_weights_sha256: String,
+    text_config_sha256: String,
+    tokenizer_sha256: String,
+    image_size: u32,
+    max_tokens: usize,
+    pooling: Pooling,
+    train_pool_sha256: String,
+    test_images: usize,
+    texts: Vec<String>,
+}
+
+/// Whether [`load_or_compute`] found the features on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    /// The cache file existed and matched.
+    Hit,
+    /// The features were computed and written.
+    Miss,
+}
+
+/// Loads the features of `benchmark` from `cache_dir`, or computes and stores them.
+pub fn load_or_compute(
+    benchmark: &Benchmark,
+    spec: &FeatureSpec,
+    cache_dir: &Path,
+) -> Result<(Features, CacheStatus, PathBuf)> {
+    let key = cache_key(benchmark, spec)?;
+    let digest = sha256_hex(
+        &serde_json::to_vec(&key).map_err(|error| TrainerError::InvalidInput(error.to_string()))?,
+    );
+    let tensors_path = cache_dir.join(format!("features-{}.safetensors", &digest[..16]));
+    let key_path = tensors_path.with_extension("json");
+
+    if tensors_path.is_file() && key_path.is_file() {
+        let features = read_cache(&tensors_path, &key_path, &key, benchmark)?;
+        tracing::info!(path = %tensors_path.display(), "loaded cached backbone features");
+        return Ok((features, CacheStatus::Hit, tensors_path));
+    }
+
+    tracing::info!(path = %tensors_path.display(), "no feature cache found, running the backbones");
+    let features = compute(benchmark, spec)?;
+    write_cache(&tensors_path, &key_path, &key, &features)?;
+    Ok((features, CacheStatus::Miss, tensors_path))
+}
+
+fn cache_key(benchmark: &Benchmark, spec: &FeatureSpec) -> Result<CacheKey> {
+    let pool_bytes: Vec<u8> = benchmark
+        .train_pool
+        .iter()
+        .flat_map(|&index| (index as u64).to_le_bytes())
+        .collect();
+    Ok(CacheKey {
+        format: CACHE_FORMAT,
+        architecture: spec.architecture.as_str().to_owned(),
+        image_weights_sha256: sha256_file(&spec.image_weights)?,
+        text_weights_sha256: sha256_file(&spec.text_dir.join(TEXT_WEIGHTS_FILE))?,
+        text_config_sha256: sha256_file(&spec.text_dir.join(TEXT_CONFIG_FILE))?,
+        tokenizer_sha256: sha256_file(&spec.text_dir.join(TEXT_TOKENIZER_FILE))?,
+        image_size: spec.image_size,
+        max_tokens: spec.max_tokens,
+        pooling: spec.pooling,
+        train_pool_sha256: sha256_hex(&pool_bytes),
+        test_images: benchmark.data.test.len(),
+        texts: benchmark.texts.clone(),
+    })
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    let mut file =
+        File::open(path).map_err(|error| TrainerError::io("failed to open", path, error))?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let read = file
+            .read(&mut buffer)
+            .map_err(|error| TrainerError::io("failed to read", path, error))?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buffer[..read]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+fn compute(benchmark: &Benchmark, spec: &FeatureSpec) -> Result<Features> {
+    let started = Instant::now();
+    let backbones = Backbones::load(
+        spec.architecture,
+        &spec.image_weights,
+        &spec.text_dir,
+        spec.pooling,
+        "",
+        Device::Cpu,
+    )?;
+
+    let test_indices: Vec<usize> = (0..benchmark.data.test.len()).collect();
+    let test_images = image_features(
+        &backbones,
+        &benchmark.data.test,
+        &test_indices,
+        spec,
+        "test images",
+    )?;
+    let train_images = image_features(
+        &backbones,
+        &benchmark.data.train,
+        &benchmark.train_pool,
+        spec,
+        "train images",
+    )?;
+    let texts = text_features(&backbones, &benchmark.texts, spec)?;
+
+    tracing::info!(
+        test_images = test_indices.len(),
+        train_images = benchmark.train_pool.len(),
+        texts = benchmark.texts.len(),
+        image_size = spec.image_size,
+        seconds = started.elapsed().as_secs_f64(),
+        "computed backbone features"
+    );
+    Ok(Features {
+        train_images,
+        test_images,
+        texts,
+    })
+}
+
+fn image_features(
+    backbones: &Backbones,
+    data: &SplitData,
+    indices: &[usize],
+    spec: &FeatureSpec,
+    label: &'static str,
+) -> Result<Tensor> {
+    let normalization = spec.architecture.normalization();
+    let mut progress = Progress::new(indices.len() as u64, label);
+    let mut rows = Vec::with_capacity(indices.len().div_ceil(IMAGE_BATCH));
+    for batch in indices.chunks(IMAGE_BATCH) {
+        let mut inputs = Vec::with_capacity(batch.len());
+        for &index in batch {
+            inputs.push(image_to_chw(
+                &tinted_image(data, index)?,
+                spec.image_size,
+                normalization,
+            ));
+        }
+        let images = stack_images(&inputs, spec.image_size)?;
+        rows.push(backbones.f_image_features(&images)?);
+        progress.inc(batch.len() as u64);
+    }
+    progress.finish();
+    Ok(Tensor::cat(&rows, 0))
+}
+
+fn text_features(backbones: &Backbones, texts: &[String], spec: &FeatureSpec) -> Result<Tensor> {
+    let tokenizer = TextTokenizer::from_file(
+        spec.text_dir.join(TEXT_TOKENIZER_FILE),
+        spec.max_tokens,
+        TokenOverflow::Truncate,
+    )?;
+    let mut progress = Progress::new(texts.len() as u64, "texts");
+    let mut rows = Vec::with_capacity(texts.len().div_ceil(TEXT_BATCH));
+    for batch in texts.chunks(TEXT_BATCH) {
+        let sequences = batch
+            .iter()
+            .map(|text| tokenizer.encode(text))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (input_ids, attention_mask) = pad_batch(&sequences, tokenizer.pad_id());
+        rows.push(backbones.f_text_features(&input_ids, &attention_mask)?);
+        progress.inc(batch.len() as u64);
+    }
+    progress.finish();
+    Ok(Tensor::cat(&rows, 0))
+}
+
+const TRAIN_IMAGES: &str = "train_images";
+const TEST_IMAGES: &str = "test_images";
+const TEXTS: &str = "texts";
+
+fn write_cache(
+    tensors_path: &Path,
+    key_path: &Path,
+    key: &CacheKey,
+    features: &Features,
+) -> Result<()> {
+    let dir = tensors_path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)
+        .map_err(|error| TrainerError::io("failed to create", dir, error))?;
+
+    // Write both files under temporary names and rename them, the tensors
+    // last, so an interrupted run never leaves a cache that looks complete.
+    let partial_tensors =
+        tensors_path.with_extension(format!("safetensors.partial-{}", std::process::id()));
+    let partial_key = key_path.with_extension(format!("json.partial-{}", std::process::id()));
+    let named = [
+        (TRAIN_IMAGES, features.train_images.shallow_clone()),
+        (TEST_IMAGES, features.test_images.shallow_clone()),
+        (TEXTS, features.texts.shallow_clone()),
+    ];
+    Tensor::write_safetensors(&named, &partial_tensors)?;
+    let json = serde_json::to_vec_pretty(key)
+        .map_err(|error| TrainerError::InvalidInput(error.to_string()))?;
+    std::fs::write(&partial_key, json)
+        .map_err(|error| TrainerError::io("failed to write", &partial_key, error))?;
+    std::fs::rename(&partial_key, key_path)
+        .map_err(|error| TrainerError::io("failed to rename", &partial_key, error))?;
+    std::fs::rename(&partial_tensors, tensors_path)
+        .map_err(|error| TrainerError::io("failed to rename", &partial_tensors, error))?;
+    tracing::info!(path = %tensors_path.display(), "wrote feature cache");
+    Ok(())
+}
+
+fn read_cache(
+    tensors_path: &Path,
+    key_path: &Path,
+    key: &CacheKey,
+    benchmark: &Benchmark,
+) -> Result<Features> {
+    let invalid = |reason: String| TrainerError::InvalidCache {
+        path: tensors_path.to_owned(),
+        reason,
+    };
+
+    let stored = std::fs::read(key_path)
+        .map_err(|error| TrainerError::io("failed to read", key_path, error))?;
+    let stored: CacheKey = serde_json::from_slice(&stored)
+        .map_err(|error| invalid(format!("{} is not valid: {error}", key_path.display())))?;
+    if stored != *key {
+        return Err(invalid(format!(
+            "{} describes other inputs than this run",
+            key_path.display()
+        )));
+    }
+
+    let mut tensors = Tensor::read_safetensors(tensors_path)?;
+    let mut take = |name: &str, rows: usize| -> Result<Tensor> {
+        let position = tensors
+            .iter()
+            .position(|(stored, _)| stored == name)
+            .ok_or_else(|| invalid(format!("tensor {name} is missing")))?;
+        let tensor = tensors.swap_remove(position).1;
+        let size = tensor.size();
+        if size.len() != 2 || size[0] != rows as i64 || tensor.kind() != Kind::Float {
+            return Err(invalid(format!(
+                "tensor {name} is {size:?} {:?}, expected [{rows}, D] Float",
+                tensor.kind()
+            )));
+        }
+        Ok(tensor)
+    };
+    let train_images = take(TRAIN_IMAGES, benchmark.train_pool.len())?;
+    let test_images = take(TEST_IMAGES, benchmark.data.test.len())?;
+    let texts = take(TEXTS, benchmark.texts.len())?;
+    if train_images.size()[1] != test_images.size()[1] {
+        return Err(invalid(
+            "train and test image features differ in width".to_owned(),
+        ));
+    }
+    Ok(Features {
+        train_images,
+        test_images,
+        texts,
+    })
+}

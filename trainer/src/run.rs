@@ -1,0 +1,335 @@
+//! The whole training run: benchmark, features, heads, baselines, evaluation, model directory.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use densebert4ret_model::{
+    write_model_dir, DenseBert4Ret, Device, ModelConfig, TextTokenizer, TokenOverflow,
+    TEXT_TOKENIZER_FILE,
+};
+use tch::Tensor;
+
+use crate::benchmark::{Benchmark, BenchmarkConfig};
+use crate::error::{Result, TrainerError};
+use crate::evaluate::{evaluate_test, MethodResult};
+use crate::features::{load_or_compute, CacheStatus, FeatureSpec, Features};
+use crate::heads::Heads;
+use crate::report::{
+    markdown_tables, DataCounts, Metrics, RecordedConfig, TrainingSummary, METRICS_FILE,
+};
+use crate::train::{train_heads, TrainSettings, Variant};
+
+/// Largest difference allowed between the in-memory heads and the reloaded model directory.
+const RELOAD_TOLERANCE: f64 = 1e-5;
+
+/// Everything a run needs.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// Benchmark sizes and seed.
+    pub benchmark: BenchmarkConfig,
+    /// Backbones and input settings.
+    pub features: FeatureSpec,
+    /// Optimisation settings.
+    pub training: TrainSettings,
+    /// Directory of the feature cache files.
+    pub cache_dir: PathBuf,
+    /// Model directory to write.
+    pub output_dir: PathBuf,
+    /// Whether an existing non-empty output directory may be replaced.
+    pub overwrite: bool,
+    /// libtorch intra-op threads.
+    pub threads: usize,
+    /// Whether the quick preset filled the unset options.
+    pub quick: bool,
+}
+
+/// Results of a finished run.
+#[derive(Debug)]
+pub struct RunReport {
+    /// Contents written to `metrics.json`.
+    pub metrics: Metrics,
+    /// Markdown tables of the test results.
+    pub table: String,
+    /// Model directory written.
+    pub output_dir: PathBuf,
+}
+
+/// Records the wall time of each stage.
+struct Stopwatch {
+    started: Instant,
+    timings: BTreeMap<String, f64>,
+}
+
+impl Stopwatch {
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            timings: BTreeMap::new(),
+        }
+    }
+
+    fn time<T>(&mut self, stage: &str, work: impl FnOnce() -> Result<T>) -> Result<T> {
+        let started = Instant::now();
+        tracing::info!(stage, "stage started");
+        let value = work()?;
+        let seconds = started.elapsed().as_secs_f64();
+        tracing::info!(stage, seconds = format!("{seconds:.1}"), "stage finished");
+        self.timings.insert(stage.to_owned(), seconds);
+        Ok(value)
+    }
+}
+
+/// Runs every stage and writes the model directory with its `metrics.json`.
+pub fn run(config: &RunConfig) -> Result<RunReport> {
+    check_output_dir(&config.output_dir, config.overwrite)?;
+    tch::set_num_threads(config.threads as i32);
+    let mut stopwatch = Stopwatch::new();
+
+    let benchmark = stopwatch.time("benchmark", || Benchmark::build(&config.benchmark))?;
+    tracing::info!(
+        train_images = benchmark.train_pool.len(),
+        train_queries = benchmark.train_queries.len(),
+        validation_queries = benchmark.validation_queries.len(),
+        test_queries = benchmark.test_queries.len(),
+        texts = benchmark.texts.len(),
+        "built benchmark"
+    );
+
+    let (features, cache_status, _) = stopwatch.time("features", || {
+        load_or_compute(&benchmark, &config.features, &config.cache_dir)
+    })?;
+    let fusion = stopwatch.time("train_fusion", || {
+        train_heads(&benchmark, &features, &config.training, Variant::Fusion)
+    })?;
+    let text_only = stopwatch.time("train_text_only", || {
+        train_heads(&benchmark, &features, &config.training, Variant::TextOnly)
+    })?;
+    let results = stopwatch.time("evaluate", || {
+        evaluate_test(&benchmark, &features, &fusion.heads, &text_only.heads)
+    })?;
+    let table = markdown_tables(&results);
+
+    let mut metrics = Metrics {
+        seed: config.benchmark.seed,
+        methods: results
+            .iter()
+            .map(|result: &MethodResult| (result.method.key().to_owned(), result.clone()))
+            .collect(),
+        training: BTreeMap::from([
+            (
+                Variant::Fusion.as_str().to_owned(),
+                TrainingSummary {
+                    best_epoch: fusion.best_epoch,
+                    history: fusion.history,
+                },
+            ),
+            (
+                Variant::TextOnly.as_str().to_owned(),
+                TrainingSummary {
+                    best_epoch: text_only.best_epoch,
+                    history: text_only.history,
+                },
+            ),
+        ]),
+        timings_seconds: BTreeMap::new(),
+        feature_cache: match cache_status {
+            CacheStatus::Hit => "hit",
+            CacheStatus::Miss => "miss",
+        }
+        .to_owned(),
+        counts: DataCounts {
+            train_images: benchmark.train_pool.len(),
+            train_queries: benchmark.train_queries.len(),
+            validation_queries: benchmark.validation_queries.len(),
+            test_queries: benchmark.test_queries.len(),
+            catalog_images: benchmark.data.test.len(),
+            texts: benchmark.texts.len(),
+        },
+        config: RecordedConfig {
+            benchmark: config.benchmark.clone(),
+            features: config.features.clone(),
+            training: config.training.clone(),
+            threads: config.threads,
+            quick: config.quick,
+        },
+    };
+
+    // The metrics file goes into the model directory, so this stage records
+    // its own time before it finishes.
+    let write_started = Instant::now();
+    tracing::info!(stage = "write_model", "stage started");
+    let model_config = model_config(config)?;
+    let staging = write_staged_model(config, &model_config, &fusion.heads)?;
+    verify_reload(&staging, &benchmark, &features, &fusion.heads)?;
+    stopwatch.timings.insert(
+        "write_model".to_owned(),
+        write_started.elapsed().as_secs_f64(),
+    );
+    stopwatch.timings.insert(
+        "total".to_owned(),
+        stopwatch.started.elapsed().as_secs_f64(),
+    );
+    metrics.timings_seconds = stopwatch.timings.clone();
+    write_metrics(&staging, &metrics)?;
+    replace_dir(&staging, &config.output_dir)?;
+    tracing::info!(
+        stage = "write_model",
+        seconds = format!("{:.1}", write_started.elapsed().as_secs_f64()),
+        "stage finished"
+    );
+
+    Ok(RunReport {
+        metrics,
+        table,
+        output_dir: config.output_dir.clone(),
+    })
+}
+
+fn model_config(config: &RunConfig) -> Result<ModelConfig> {
+    let mut model_config = ModelConfig::new(config.features.architecture);
+    model_config.image_backbone.image_size = config.features.image_size;
+    model_config.text_encoder.pooling = config.features.pooling;
+    model_config.text_encoder.max_tokens = config.features.max_tokens;
+    model_config.text_encoder.overflow = TokenOverflow::Truncate;
+    model_config.head.hidden_dim = config.training.head.hidden_dim;
+    model_config.head.joint_dim = config.training.head.joint_dim;
+    model_config.head.dropout = config.training.head.dropout;
+    model_config
+        .validate()
+        .map_err(|reason| TrainerError::InvalidInput(format!("model configuration: {reason}")))?;
+
+    // The tokenizer check fails fast on a max_tokens the tokenizer cannot honour.
+    TextTokenizer::from_file(
+        config.features.text_dir.join(TEXT_TOKENIZER_FILE),
+        config.features.max_tokens,
+        TokenOverflow::Truncate,
+    )?;
+    Ok(model_config)
+}
+
+/// Fails before any work when the output directory exists, is not empty and may not be replaced.
+fn check_output_dir(dir: &Path, overwrite: bool) -> Result<()> {
+    let not_empty = std::fs::read_dir(dir)
+        .map(|mut entries| entries.next().is_some())
+        .unwrap_or(false);
+    if not_empty && !overwrite {
+        return Err(TrainerError::InvalidInput(format!(
+            "the output directory {} already contains files; pass --force to replace it or --out to choose another",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+fn sibling(dir: &Path, tag: &str) -> Result<PathBuf> {
+    let name = dir
+        .file_name()
+        .and_then(|name| name.to_str())
+        .ok_or_else(|| {
+            TrainerError::InvalidInput(format!(
+                "the output path {} must end in a UTF-8 directory name",
+                dir.display()
+            ))
+        })?;
+    let parent = dir
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    Ok(parent.join(format!(".{name}.{tag}-{}", std::process::id())))
+}
+
+/// Writes the model into a hidden sibling of the output directory and returns its path.
+fn write_staged_model(
+    config: &RunConfig,
+    model_config: &ModelConfig,
+    heads: &Heads,
+) -> Result<PathBuf> {
+    let staging = sibling(&config.output_dir, "new")?;
+    if let Some(parent) = staging.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|error| TrainerError::io("failed to create", parent, error))?;
+    }
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)
+            .map_err(|error| TrainerError::io("failed to remove", &staging, error))?;
+    }
+    write_model_dir(
+        &staging,
+        model_config,
+        &config.features.image_weights,
+        &config.features.text_dir,
+        &heads.store,
+    )?;
+    Ok(staging)
+}
+
+/// Loads the written directory and checks that it embeds like the in-memory heads.
+fn verify_reload(
+    dir: &Path,
+    benchmark: &Benchmark,
+    features: &Features,
+    heads: &Heads,
+) -> Result<()> {
+    let model = DenseBert4Ret::load(dir, Device::Cpu)?;
+    let sample = benchmark.test_queries.len().min(64) as i64;
+    let references: Vec<i64> = benchmark.test_queries[..sample as usize]
+        .iter()
+        .map(|query| query.reference as i64)
+        .collect();
+    let texts = benchmark.test_queries[..sample as usize]
+        .iter()
+        .map(|query| benchmark.text_row(&query.text).map(|row| row as i64))
+        .collect::<Result<Vec<_>>>()?;
+    let image_features = features
+        .test_images
+        .index_select(0, &Tensor::from_slice(&references));
+    let text_features = features.texts.index_select(0, &Tensor::from_slice(&texts));
+
+    let query_difference = (model.f_compose(&image_features, &text_features)?
+        - heads.compose(&image_features, &text_features))
+    .abs()
+    .max()
+    .double_value(&[]);
+    let catalog_difference = (model.f_project_images(&image_features)?
+        - heads.project(&image_features))
+    .abs()
+    .max()
+    .double_value(&[]);
+    if query_difference > RELOAD_TOLERANCE || catalog_difference > RELOAD_TOLERANCE {
+        return Err(TrainerError::InvalidInput(format!(
+            "the written model at {} embeds differently from the trained heads (max query difference {query_difference:e}, \
+             catalog difference {catalog_difference:e})",
+            dir.display()
+        )));
+    }
+    tracing::info!(dir = %dir.display(), query_difference, catalog_difference, "reloaded model matches the trained heads");
+    Ok(())
+}
+
+fn write_metrics(dir: &Path, metrics: &Metrics) -> Result<()> {
+    let path = dir.join(METRICS_FILE);
+    let mut json = serde_json::to_string_pretty(metrics)
+        .map_err(|error| TrainerError::InvalidInput(error.to_string()))?;
+    json.push('\n');
+    std::fs::write(&path, json).map_err(|error| TrainerError::io("failed to write", &path, error))
+}
+
+/// Moves the staged directory into place, removing what the output path held before.
+fn replace_dir(staging: &Path, output: &Path) -> Result<()> {
+    let previous = sibling(output, "old")?;
+    let had_previous = output.exists();
+    if had_previous {
+        std::fs::rename(output, &previous)
+            .map_err(|error| TrainerError::io("failed to move aside", output, error))?;
+    }
+    std::fs::rename(staging, output)
+        .map_err(|error| TrainerError::io("failed to move the model into", output, error))?;
+    if had_previous {
+        if let Err(error) = std::fs::remove_dir_all(&previous) {
+            tracing::warn!(path = %previous.display(), %error, "failed to remove the previous model directory");
+        }
+    }
+    tracing::info!(dir = %output.display(), "wrote model directory");
+    Ok(())
+}

@@ -1,0 +1,255 @@
+//! Training and evaluation on the real benchmark with synthetic backbone features.
+//!
+//! Image features are one-hot class and colour codes plus noise, and text
+//! features one-hot codes of the attributes a text names. A working fusion
+//! MLP must combine the reference with the text, which neither input allows
+//! alone for colour-only and class-only queries.
+
+use std::collections::HashMap;
+
+use densebert4ret_datasets::{
+    colour_of, default_data_dir, Colour, FashionClass, QueryKind, SplitData,
+};
+use densebert4ret_model::HeadConfig;
+use densebert4ret_trainer::benchmark::{Benchmark, BenchmarkConfig};
+use densebert4ret_trainer::evaluate::{evaluate_test, Method};
+use densebert4ret_trainer::features::Features;
+use densebert4ret_trainer::loss::Mining;
+use densebert4ret_trainer::train::{learning_rate_at, train_heads, TrainSettings, Variant};
+use tch::{Kind, Tensor};
+
+const CLASSES: i64 = FashionClass::ALL.len() as i64;
+const COLOURS: i64 = Colour::ALL.len() as i64;
+const WIDTH: i64 = CLASSES + COLOURS;
+
+fn benchmark() -> Benchmark {
+    Benchmark::build(&BenchmarkConfig {
+        data_dir: default_data_dir(),
+        train_images: 1_500,
+        train_queries: 3_000,
+        validation_queries: 300,
+        test_queries: 300,
+        seed: 5,
+    })
+    .expect("Fashion-MNIST files under DB4R_FASHION_MNIST_DIR or /usr/share/datasets/fashion-mnist")
+}
+
+fn image_codes(data: &SplitData, indices: &[usize]) -> Tensor {
+    let mut values = vec![0f32; indices.len() * WIDTH as usize];
+    for (row, &index) in indices.iter().enumerate() {
+        let class = data.class(index).unwrap().label() as usize;
+        let colour = colour_of(data.split(), index).index();
+        values[row * WIDTH as usize + class] = 1.0;
+        values[row * WIDTH as usize + CLASSES as usize + colour] = 1.0;
+    }
+    let clean = Tensor::from_slice(&values).view([indices.len() as i64, WIDTH]);
+    clean
+        + Tensor::randn(
+            [indices.len() as i64, WIDTH],
+            (Kind::Float, tch::Device::Cpu),
+        ) * 0.05
+}
+
+fn synthetic_features(benchmark: &Benchmark) -> Features {
+    tch::manual_seed(3);
+    let test_indices: Vec<usize> = (0..benchmark.data.test.len()).collect();
+
+    let mut named: HashMap<usize, (Option<FashionClass>, Option<Colour>)> = HashMap::new();
+    let queries = benchmark
+        .train_queries
+        .iter()
+        .chain(&benchmark.validation_queries)
+        .chain(&benchmark.test_queries);
+    for query in queries {
+        let class = query.kind.changes_class().then_some(query.target_class);
+        let colour = query.kind.changes_colour().then_some(query.target_colour);
+        named.insert(benchmark.text_row(&query.text).unwrap(), (class, colour));
+    }
+    let mut text_values = vec![0f32; benchmark.texts.len() * WIDTH as usize];
+    for (row, (class, colour)) in named {
+        if let Some(class) = class {
+            text_values[row * WIDTH as usize + class.label() as usize] = 1.0;
+        }
+        if let Some(colour) = colour {
+            text_values[row * WIDTH as usize + CLASSES as usize + colour.index()] = 1.0;
+        }
+    }
+
+    Features {
+        train_images: image_codes(&benchmark.data.train, &benchmark.train_pool),
+        test_images: image_codes(&benchmark.data.test, &test_indices),
+        texts: Tensor::from_slice(&text_values).view([benchmark.texts.len() as i64, WIDTH]),
+    }
+}
+
+fn settings(epochs: usize) -> TrainSettings {
+    TrainSettings {
+        epochs,
+        batch_size: 128,
+        learning_rate: 3e-3,
+        warmup_fraction: 0.05,
+        final_learning_rate_fraction: 0.01,
+        weight_decay: 0.0,
+        margin: 0.2,
+        mining: Mining::All,
+        seed: 11,
+        head: HeadConfig {
+            weights: "head.safetensors".into(),
+            hidden_dim: 64,
+            joint_dim: 32,
+            dropout: 0.0,
+        },
+    }
+}
+
+#[test]
+fn fusion_learns_to_compose() {
+    let benchmark = benchmark();
+    let features = synthetic_features(&benchmark);
+    let fusion = train_heads(&benchmark, &features, &settings(10), Variant::Fusion).unwrap();
+    let text_only = train_heads(&benchmark, &features, &settings(10), Variant::TextOnly).unwrap();
+
+    assert_eq!(fusion.history.len(), 10);
+    let first = &fusion.history[0];
+    let best = &fusion.history[fusion.best_epoch - 1];
+    assert!(best.validation_recall_at_10 >= first.validation_recall_at_10);
+    assert!(
+        best.validation_recall_at_10 > 0.9,
+        "fusion validation R@10 {}",
+        best.validation_recall_at_10
+    );
+    assert!(
+        fusion.history.last().unwrap().loss < first.loss,
+        "loss did not decrease: {:?}",
+        fusion.history
+    );
+
+    let results = evaluate_test(&benchmark, &features, &fusion.heads, &text_only.heads).unwrap();
+    let recall = |method: Method| {
+        results
+            .iter()
+            .find(|result| result.method == method)
+            .unwrap()
+            .recalls
+            .at(10)
+            .unwrap()
+    };
+    assert_eq!(results.len(), 4);
+    assert!(
+        recall(Method::Fusion) > 0.9,
+        "fusion test R@10 {}",
+        recall(Method::Fusion)
+    );
+    assert!(
+        recall(Method::Fusion) > recall(Method::TextOnly),
+        "fusion does not beat text only"
+    );
+    assert!(
+        recall(Method::Fusion) > recall(Method::ImageOnly),
+        "fusion does not beat image only"
+    );
+
+    // A text that names both attributes determines the target on its own.
+    let text_only_result = results
+        .iter()
+        .find(|result| result.method == Method::TextOnly)
+        .unwrap();
+    let both = text_only_result.per_kind[QueryKind::Both.as_str()]
+        .at(10)
+        .unwrap();
+    let colour = text_only_result.per_kind[QueryKind::Colour.as_str()]
+        .at(10)
+        .unwrap();
+    assert!(
+        both > colour,
+        "text only: both-kind R@10 {both} not above colour-kind {colour}"
+    );
+}
+
+#[test]
+fn training_is_reproducible() {
+    let benchmark = benchmark();
+    let features = synthetic_features(&benchmark);
+    let first = train_heads(&benchmark, &features, &settings(1), Variant::Fusion).unwrap();
+    let second = train_heads(&benchmark, &features, &settings(1), Variant::Fusion).unwrap();
+    assert_eq!(first.history[0].loss, second.history[0].loss);
+    assert_eq!(
+        first.history[0].validation_recall_at_10,
+        second.history[0].validation_recall_at_10
+    );
+}
+
+#[test]
+fn invalid_settings_are_rejected() {
+    let benchmark = benchmark();
+    let features = synthetic_features(&benchmark);
+    let error = train_heads(&benchmark, &features, &settings(0), Variant::Fusion).unwrap_err();
+    assert!(error.to_string().contains("--epochs is 0"), "{error}");
+    let error = train_heads(
+        &benchmark,
+        &features,
+        &TrainSettings {
+            batch_size: 1,
+            ..settings(1)
+        },
+        Variant::Fusion,
+    )
+    .unwrap_err();
+    assert!(error.to_string().contains("--batch-size is 1"), "{error}");
+    let error = train_heads(
+        &benchmark,
+        &features,
+        &TrainSettings {
+            margin: 0.0,
+            ..settings(1)
+        },
+        Variant::Fusion,
+    )
+    .unwrap_err();
+    assert!(error.to_string().contains("--margin is 0"), "{error}");
+}
+
+#[test]
+fn learning_rate_warms_up_then_decays() {
+    let schedule = settings(1);
+    let total = 100;
+    // 5 warm-up steps reach the peak of 3e-3 at step 4.
+    assert!((learning_rate_at(&schedule, 0, total) - 0.6e-3).abs() < 1e-12);
+    assert!((learning_rate_at(&schedule, 4, total) - 3e-3).abs() < 1e-12);
+    assert!((learning_rate_at(&schedule, 5, total) - 3e-3).abs() < 1e-12);
+    let end = learning_rate_at(&schedule, total - 1, total);
+    assert!(end < 3e-3 * 0.02, "final learning rate {end}");
+    assert!(
+        end >= 3e-3 * 0.01,
+        "final learning rate {end} below the floor"
+    );
+    let rates: Vec<f64> = (5..total)
+        .map(|step| learning_rate_at(&schedule, step, total))
+        .collect();
+    assert!(
+        rates.windows(2).all(|pair| pair[1] <= pair[0]),
+        "decay is not monotonic"
+    );
+}
+
+#[test]
+fn benchmark_resolves_rows() {
+    let benchmark = benchmark();
+    assert_eq!(benchmark.train_pool.len(), 1_500);
+    assert_eq!(benchmark.train_queries.len(), 3_000);
+    assert_eq!(benchmark.validation_queries.len(), 300);
+    assert_eq!(benchmark.test_queries.len(), 300);
+    for query in &benchmark.train_queries {
+        let row = benchmark.pool_row(query.reference).unwrap();
+        assert_eq!(benchmark.train_pool[row], query.reference);
+        assert_eq!(
+            benchmark.texts[benchmark.text_row(&query.text).unwrap()],
+            query.text
+        );
+    }
+    assert!(benchmark.text_row("not a benchmark text").is_err());
+    let outside = (0..60_000)
+        .find(|index| benchmark.train_pool.binary_search(index).is_err())
+        .unwrap();
+    assert!(benchmark.pool_row(outside).is_err());
+}
