@@ -109,6 +109,22 @@ async fn upsert_batch(cluster: &Cluster, batch: Vec<Pending>) -> Vec<(usize, Ups
         }
     };
 
+    if embedded.embeddings.len() != batch.len() {
+        let error = format!(
+            "encoder: returned {} embeddings for {} images; check that encoder and gateway versions match",
+            embedded.embeddings.len(),
+            batch.len()
+        );
+        tracing::error!(%error, "encoder response does not match the ingest batch");
+        return batch
+            .into_iter()
+            .map(|pending| {
+                let shard = shard_for_id(&pending.item.id, shard_count) as u32;
+                (pending.position, failed(&pending.item.id, shard, error.clone()))
+            })
+            .collect();
+    }
+
     let mut outcomes = Vec::with_capacity(batch.len());
     // Per shard: id -> (position, item); a later item with the same id
     // replaces the earlier one, which then reports success as overwritten.
