@@ -23,9 +23,8 @@ struct Preset {
     model_name: &'static str,
 }
 
-/// Default run. On a 2-core x86-64 machine shared with other builds it took
-/// 33.5 minutes of wall time and 1,900 CPU-seconds, so about 16 minutes on two
-/// idle cores by estimate. The backbone features took 68% of the wall time.
+/// Default run. On two idle x86-64 cores it took 375 s, 287 s of them for
+/// the backbone features.
 const FULL: Preset = Preset {
     train_images: 20_000,
     train_queries: 30_000,
