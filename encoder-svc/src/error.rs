@@ -2,7 +2,7 @@
 
 use tonic::{Code, Status};
 
-/// Why an encoder request failed.
+/// Failure of an encoder request.
 #[derive(Debug, thiserror::Error)]
 pub enum EncoderError {
     /// The request itself is malformed (bad image, empty text, wrong feature
@@ -28,7 +28,7 @@ impl EncoderError {
         Self::InvalidArgument(message.into())
     }
 
-    /// The gRPC status code for this error.
+    /// Returns the gRPC status code for this error.
     pub fn code(&self) -> Code {
         match self {
             Self::InvalidArgument(_) => Code::InvalidArgument,

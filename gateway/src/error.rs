@@ -2,7 +2,7 @@
 
 use tonic::{Code, Status};
 
-/// Why a gateway request failed.
+/// Failure of a gateway request.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
     /// The request is malformed; the message names the value and the fix.

@@ -89,9 +89,11 @@ fn failed(id: &str, shard: u32, error: String) -> UpsertResult {
 }
 
 /// Embeds one batch and writes it to the owning shards.
-async fn upsert_batch(cluster: &Cluster, batch: Vec<Pending>) -> Vec<(usize, UpsertResult)> {
+async fn upsert_batch(cluster: &Cluster, mut batch: Vec<Pending>) -> Vec<(usize, UpsertResult)> {
     let shard_count = cluster.shards.len();
-    let images = batch.iter().map(|pending| pending.item.image.clone()).collect();
+    // The image bytes move into the encoder request, because only ids and
+    // metadata are needed afterwards.
+    let images = batch.iter_mut().map(|pending| std::mem::take(&mut pending.item.image)).collect();
     let mut encoder = cluster.encoder.clone();
 
     let embedded = match encoder.embed_images(EmbedImagesRequest { images }).await {

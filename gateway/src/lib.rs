@@ -1,6 +1,6 @@
 //! gateway: the public gRPC API of densebert4ret. It encodes each query
 //! through encoder-svc, searches every index shard in parallel and merges the
-//! global top-k; ingest and deletes go to the shard that owns each id.
+//! global top-k. Ingest and deletes go to the shard that owns each id.
 
 pub mod cluster;
 pub mod error;

@@ -1,9 +1,10 @@
 //! Assignment of catalog ids to shards.
 //!
-//! An id is hashed with XXH3-64 (fixed seed, so every gateway replica and
-//! every release agrees) and mapped to a shard with jump consistent hashing
-//! (Lamping and Veach, "A Fast, Minimal Memory, Consistent Hash Algorithm",
-//! 2014): growing from n to n+1 shards moves only about 1/(n+1) of the ids.
+//! An id is hashed with XXH3-64 with a fixed seed, so every gateway replica
+//! and every release agrees. The hash is mapped to a shard with jump
+//! consistent hashing (Lamping and Veach, "A Fast, Minimal Memory, Consistent
+//! Hash Algorithm", 2014). Growing from n to n+1 shards moves only about
+//! 1/(n+1) of the ids.
 
 use xxhash_rust::xxh3::xxh3_64;
 

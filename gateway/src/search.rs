@@ -134,7 +134,7 @@ async fn fan_out(shards: &[Shard], request: IndexSearchRequest, k: usize) -> Res
 }
 
 /// Merges per-shard rankings into the global top-k, best score first. Ties
-/// are broken by id so the order does not depend on which shard answered
+/// are broken by id so the order does not depend on which shard responded
 /// first.
 pub fn merge_top_k(per_shard: Vec<Vec<ScoredItem>>, k: usize) -> Vec<ScoredItem> {
     let mut items: Vec<ScoredItem> = per_shard.into_iter().flatten().collect();

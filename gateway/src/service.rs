@@ -48,7 +48,7 @@ impl Gateway for GatewayService {
         let model = match encoder.model_info(ModelInfoRequest {}).await {
             Ok(response) => Some(response.into_inner()),
             Err(status) => {
-                tracing::warn!(error = %status.message(), "encoder did not answer ModelInfo");
+                tracing::warn!(error = %status.message(), "encoder ModelInfo call failed");
                 None
             }
         };

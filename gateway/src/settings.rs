@@ -17,13 +17,13 @@ pub struct GatewaySettings {
     pub shards: Vec<String>,
     /// Largest k a search may ask for.
     pub max_k: u32,
-    /// Longest modification text, in characters.
+    /// Maximum modification text length, in characters.
     pub max_text_chars: usize,
     /// Most modification texts in one search (`text` plus `more_texts`).
     pub max_texts: usize,
     /// Largest reference or catalog image, in bytes.
     pub max_image_bytes: usize,
-    /// Longest catalog id, in bytes.
+    /// Maximum catalog id length, in bytes.
     pub max_id_bytes: usize,
     /// Images sent to the encoder per EmbedImages call during ingest.
     pub ingest_batch_size: usize,
