@@ -67,9 +67,9 @@ impl Preprocessor {
 
     /// Validates and tokenises the modification texts of one query.
     ///
-    /// NOTE: several texts are composed by joining them, in order, into one
-    /// sentence sequence for the text encoder, so the fusion head receives a
-    /// single text embedding.
+    /// Several texts are joined in order by
+    /// [`densebert4ret_model::join_modifications`], the same composition the
+    /// trainer uses for multi-turn queries.
     pub async fn texts(&self, texts: Vec<String>) -> Result<(Vec<i64>, u64), EncoderError> {
         let started = Instant::now();
         if texts.is_empty() {
@@ -99,7 +99,7 @@ impl Preprocessor {
             }
         }
 
-        let joined = texts.iter().map(|text| text.trim()).collect::<Vec<_>>().join(". ");
+        let joined = densebert4ret_model::join_modifications(&texts);
         let tokenizer = Arc::clone(&self.tokenizer);
         let (sender, receiver) = oneshot::channel();
         self.pool.spawn(move || {

@@ -24,6 +24,7 @@ mod error;
 mod fingerprint;
 mod head;
 mod model_dir;
+mod modification;
 mod preprocess;
 mod tokenizer;
 mod weights;
@@ -48,6 +49,7 @@ pub use head::{
     build_heads, l2_normalize, FusionMlp, ProjectionHead, FUSION_PATH, PROJECTION_PATH,
 };
 pub use model_dir::write_model_dir;
+pub use modification::{join_modifications, MODIFICATION_SEPARATOR};
 pub use preprocess::{decode_image, image_to_chw, preprocess_image, Normalization};
 pub use tokenizer::{TextTokenizer, TokenOverflow};
 
