@@ -1,14 +1,16 @@
 //! encoder-svc: serves the DenseBert4Ret model over gRPC with dynamic
-//! batching. Request handlers preprocess on a thread pool and queue model
-//! inputs; one worker thread owns the model and runs them in batches.
+//! batching. Request handlers take queue slots, preprocess on a thread pool
+//! and queue model inputs. Model worker threads, each owning a copy of the
+//! model, run them in batches.
 
 pub mod batcher;
 pub mod error;
+pub mod metrics;
 pub mod preprocess;
 pub mod service;
 pub mod settings;
 
-pub use batcher::{Batcher, LoadedModel};
+pub use batcher::{Batcher, LoadedModel, Precision, WorkerOptions};
 pub use service::EncoderService;
 pub use settings::EncoderSettings;
 

@@ -4,7 +4,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use densebert4ret_model::{decode_image, image_to_chw, Normalization, TextTokenizer};
+use std::io::Cursor;
+
+use densebert4ret_model::{decode_image, image_to_chw, ModelError, Normalization, TextTokenizer};
+use image::ImageReader;
 use tokio::sync::oneshot;
 
 use crate::error::EncoderError;
@@ -23,6 +26,7 @@ pub struct Preprocessor {
 pub type Pixels = Vec<f32>;
 
 impl Preprocessor {
+    /// Creates the pool with `threads` threads.
     pub fn new(
         threads: usize,
         tokenizer: Arc<TextTokenizer>,
@@ -78,7 +82,7 @@ impl Preprocessor {
             ));
         }
         if texts.len() > self.limits.max_texts {
-            return Err(EncoderError::invalid(format!(
+            return Err(EncoderError::out_of_range(format!(
                 "the query has {} modification texts, more than the limit of {}; send fewer texts",
                 texts.len(),
                 self.limits.max_texts
@@ -92,7 +96,7 @@ impl Preprocessor {
             }
             let chars = text.chars().count();
             if chars > self.limits.max_text_chars {
-                return Err(EncoderError::invalid(format!(
+                return Err(EncoderError::out_of_range(format!(
                     "modification text {index} has {chars} characters, more than the limit of {}; shorten it",
                     self.limits.max_text_chars
                 )));
@@ -108,7 +112,13 @@ impl Preprocessor {
         let ids = receiver
             .await
             .map_err(|_| EncoderError::Inference("the preprocessing pool stopped".into()))?
-            .map_err(|error| EncoderError::invalid(error.to_string()))?;
+            .map_err(|error| match error {
+                ModelError::TooManyTokens { count, max_tokens } => EncoderError::out_of_range(format!(
+                    "the modification text has {count} tokens, more than the limit of {max_tokens}; shorten it, \
+                     or set ENCODER__LIMITS__TOKEN_OVERFLOW=truncate to keep the first {max_tokens} tokens"
+                )),
+                other => EncoderError::invalid(other.to_string()),
+            })?;
         Ok((ids, started.elapsed().as_micros() as u64))
     }
 }
@@ -121,16 +131,47 @@ fn prepare_image(
     max_pixels: u64,
 ) -> Result<Pixels, EncoderError> {
     if bytes.is_empty() {
-        return Err(EncoderError::invalid(format!(
-            "the image is empty; send encoded PNG, JPEG, WebP, BMP or GIF bytes"
-        )));
+        return Err(EncoderError::invalid(
+            "the image is empty (0 bytes); send encoded PNG, JPEG, WebP, BMP or GIF bytes",
+        ));
     }
     if bytes.len() > max_bytes {
-        return Err(EncoderError::invalid(format!(
-            "the image has {} bytes, more than the limit of {max_bytes}; downscale or recompress it",
+        return Err(EncoderError::out_of_range(format!(
+            "the image has {} bytes, more than the limit of {max_bytes}; downscale or recompress it, \
+             or raise ENCODER__LIMITS__MAX_IMAGE_BYTES",
             bytes.len()
         )));
     }
-    let image = decode_image(bytes, max_pixels).map_err(|error| EncoderError::invalid(error.to_string()))?;
+    check_dimensions(bytes, max_pixels)?;
+    let image = decode_image(bytes, max_pixels).map_err(|error| match error {
+        ModelError::ImageTooLarge { .. } => EncoderError::out_of_range(error.to_string()),
+        other => EncoderError::invalid(format!("{other}; send a valid PNG, JPEG, WebP, BMP or GIF file")),
+    })?;
     Ok(image_to_chw(&image, size, normalization))
+}
+
+/// Reads the width and height from the image header alone and rejects an
+/// image with more than `max_pixels` pixels, so a small file that declares a
+/// huge image (a decompression bomb) is rejected without decoding it.
+fn check_dimensions(bytes: &[u8], max_pixels: u64) -> Result<(), EncoderError> {
+    let reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|error| {
+        EncoderError::invalid(format!("failed to read the image header: {error}; send a valid PNG, JPEG, WebP, BMP or GIF file"))
+    })?;
+    if reader.format().is_none() {
+        return Err(EncoderError::invalid(format!(
+            "unrecognised image format (first bytes {:02x?}); send PNG, JPEG, WebP, BMP or GIF bytes",
+            &bytes[..bytes.len().min(8)]
+        )));
+    }
+    let (width, height) = reader.into_dimensions().map_err(|error| {
+        EncoderError::invalid(format!("failed to read the image header: {error}; send a valid PNG, JPEG, WebP, BMP or GIF file"))
+    })?;
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels > max_pixels {
+        return Err(EncoderError::out_of_range(format!(
+            "the image is {width}x{height} ({pixels} pixels), more than the limit of {max_pixels} pixels; \
+             downscale it before sending, or raise ENCODER__LIMITS__MAX_IMAGE_PIXELS"
+        )));
+    }
+    Ok(())
 }
