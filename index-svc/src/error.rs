@@ -152,9 +152,13 @@ pub enum IndexError {
         metric: &'static str,
         message: String,
     },
-    /// The index builds but cannot serve a shard.
-    #[error("index factory {factory:?} is not supported: {reason}; use an index that needs no training and supports removal, such as Flat or SQfp16")]
-    Unsupported { factory: String, reason: String },
+    /// Training was requested with fewer vectors than FAISS needs.
+    #[error("index {factory:?} needs at least {minimum} training vectors, but the shard stores {given}; upsert more vectors before training")]
+    TooFewTrainingVectors {
+        factory: String,
+        given: u64,
+        minimum: u64,
+    },
     /// A FAISS call failed.
     #[error("FAISS {operation} failed: {message}")]
     Faiss {
@@ -169,6 +173,13 @@ pub enum ShardError {
     /// `k` is zero or above the limit.
     #[error("k = {k} is out of range; request a k from 1 to {max_k}")]
     InvalidK { k: u32, max_k: u32 },
+    /// A query-time search parameter is out of range.
+    #[error("{field} = {value} is out of range; use a value from 0 (the shard default) to {max}")]
+    InvalidSearchParam {
+        field: &'static str,
+        value: u32,
+        max: u32,
+    },
     /// A request carries more entries than the limit.
     #[error("{field} has {count} entries, above the limit of {limit}; split the request into batches of at most {limit}")]
     TooManyEntries {

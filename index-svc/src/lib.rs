@@ -5,7 +5,10 @@
 //! stats over gRPC. Writes go to a checksummed write-ahead log before they
 //! are acknowledged, and periodic snapshots bound the log. On start the shard
 //! loads the snapshot, replays the log and rebuilds the index from the stored
-//! vectors. A gateway fans searches out to several shards and merges their
+//! vectors. Any FAISS factory string works: indexes that need training (IVF,
+//! PQ) serve exact searches until they are trained in the background, and
+//! indexes without removal (HNSW) filter deleted vectors as tombstones until
+//! a background rebuild drops them. A gateway fans searches out to several shards and merges their
 //! top-k lists.
 
 pub mod error;
@@ -27,4 +30,7 @@ pub use error::{ServeError, ShardError};
 pub use item::StoredItem;
 pub use server::serve;
 pub use settings::{Metric, Settings};
-pub use shard::{DeleteOutcome, RecoveryReport, SearchHit, Shard, ShardStats, UpsertOutcome};
+pub use shard::{
+    DeleteOutcome, RecoveryReport, SearchHit, SearchParams, Shard, ShardStats, SnapshotSummary,
+    TrainOutcome, UpsertOutcome,
+};

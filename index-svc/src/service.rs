@@ -6,14 +6,15 @@ use std::sync::Arc;
 use densebert4ret_proto::v1::index_server::Index;
 use densebert4ret_proto::v1::{
     IndexDeleteRequest, IndexDeleteResponse, IndexGetRequest, IndexGetResponse, IndexItem,
-    IndexSearchRequest, IndexSearchResponse, IndexStatsRequest, IndexStatsResponse,
+    IndexSearchRequest, IndexSearchResponse, IndexSnapshotRequest, IndexSnapshotResponse,
+    IndexStatsRequest, IndexStatsResponse, IndexTrainRequest, IndexTrainResponse,
     IndexUpsertRequest, IndexUpsertResponse, ScoredItem, SearchResult,
 };
 use tonic::{Code, Request, Response, Status};
 
 use crate::error::{IndexError, ShardError, WalError};
 use crate::item::StoredItem;
-use crate::shard::Shard;
+use crate::shard::{SearchParams, Shard};
 
 /// gRPC handler for one shard.
 #[derive(Debug, Clone)]
@@ -100,11 +101,18 @@ impl Index for IndexService {
             k,
             model_fingerprint,
             exclude_ids,
+            params,
         } = request.into_inner();
         let queries: Vec<Vec<f32>> = queries.into_iter().map(|query| query.values).collect();
+        let params = params
+            .map(|params| SearchParams {
+                nprobe: params.nprobe,
+                ef_search: params.ef_search,
+            })
+            .unwrap_or_default();
         let results = self
             .run("Search", move |shard| {
-                shard.search(&queries, k, &model_fingerprint, &exclude_ids)
+                shard.search(&queries, k, &model_fingerprint, &exclude_ids, params)
             })
             .await?;
 
@@ -151,6 +159,31 @@ impl Index for IndexService {
             memory_bytes: stats.memory_bytes,
             last_snapshot_unix_ms: stats.last_snapshot_unix_ms,
             wal_records: stats.wal_records,
+            trained: stats.trained,
+            tombstones: stats.tombstones,
+            metric: stats.metric.to_owned(),
+        }))
+    }
+
+    async fn train(
+        &self,
+        _request: Request<IndexTrainRequest>,
+    ) -> Result<Response<IndexTrainResponse>, Status> {
+        let outcome = self.run("Train", |shard| shard.train()).await?;
+        Ok(Response::new(IndexTrainResponse {
+            trained_on: outcome.trained_on,
+            already_trained: outcome.already_trained,
+        }))
+    }
+
+    async fn snapshot(
+        &self,
+        _request: Request<IndexSnapshotRequest>,
+    ) -> Result<Response<IndexSnapshotResponse>, Status> {
+        let summary = self.run("Snapshot", |shard| shard.snapshot()).await?;
+        Ok(Response::new(IndexSnapshotResponse {
+            snapshot_unix_ms: summary.created_unix_ms,
+            vector_count: summary.items,
         }))
     }
 }
@@ -159,6 +192,7 @@ impl Index for IndexService {
 pub fn status_from_error(error: &ShardError) -> Status {
     let code = match error {
         ShardError::InvalidK { .. }
+        | ShardError::InvalidSearchParam { .. }
         | ShardError::TooManyEntries { .. }
         | ShardError::EmptyId { .. }
         | ShardError::IdTooLong { .. }
@@ -174,7 +208,9 @@ pub fn status_from_error(error: &ShardError) -> Status {
         // The configured index cannot serve: an operator must change the
         // settings, and retrying the request does not help.
         ShardError::FingerprintMismatch { .. }
-        | ShardError::Index(IndexError::Build { .. } | IndexError::Unsupported { .. })
+        | ShardError::Index(
+            IndexError::Build { .. } | IndexError::TooFewTrainingVectors { .. },
+        )
         | ShardError::DimensionConflict { .. }
         | ShardError::DataDirLocked { .. }
         | ShardError::Settings(_) => Code::FailedPrecondition,

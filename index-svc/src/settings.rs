@@ -13,6 +13,11 @@ use crate::error::SettingsError;
 /// allocating gigabytes.
 pub const MAX_DIMENSION: u32 = 65_536;
 
+/// Largest `nprobe` a search may request.
+pub const MAX_NPROBE: u32 = 1 << 20;
+/// Largest `ef_search` a search may request.
+pub const MAX_EF_SEARCH: u32 = 1 << 16;
+
 /// Similarity measure of the FAISS index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -58,11 +63,32 @@ pub struct Settings {
     /// Vector dimension. When unset, the first upsert fixes it, and the
     /// dimension is persisted with the data from then on.
     pub dimension: Option<u32>,
-    /// FAISS index factory string, for example `Flat` or `SQfp16`. The index
-    /// must support removal by id and must not need training. The shard checks
-    /// this on open when the dimension is known, otherwise on the first
-    /// upsert.
+    /// FAISS index factory string, for example `Flat`, `SQfp16`,
+    /// `IVF256,Flat`, `IVF256,PQ16` or `HNSW32`. Indexes other than IVF get
+    /// an `IDMap,` prefix unless the string starts with `IDMap`. The shard
+    /// checks the string on open when the dimension is known, otherwise on
+    /// the first upsert. FAISS trains `IVF…,PQ…` factory strings with
+    /// polysemous training, which is slow; the suffix `np` (`IVF256,PQ16np`)
+    /// skips it.
     pub index_factory: String,
+    /// Number of stored vectors at which an index that needs training (IVF,
+    /// PQ) is trained in the background. Unset: 39 per IVF list, 39 x 256
+    /// with PQ, and at least 1000. Until then searches are exact.
+    pub train_threshold: Option<u64>,
+    /// Default inverted lists visited per IVF search, used when a request
+    /// sets no `nprobe`.
+    pub nprobe: u32,
+    /// Default HNSW candidate list size, used when a request sets no
+    /// `ef_search`.
+    pub ef_search: u32,
+    /// Fraction of the index made of tombstones (deleted or replaced vectors
+    /// of an index without removal, such as HNSW) at which the index is
+    /// rebuilt in the background without them.
+    pub tombstone_rebuild_fraction: f64,
+    /// OpenMP threads per FAISS call (search, add, training). Concurrent
+    /// requests already run in parallel, so 1 avoids oversubscribing the
+    /// cores; raise it for a shard that serves few large batches.
+    pub openmp_threads: u32,
     /// Similarity measure: `inner_product` or `l2`.
     pub metric: Metric,
     /// Largest `k` a search may request.
@@ -100,6 +126,11 @@ impl Default for Settings {
             data_dir: PathBuf::from("data/index-0"),
             dimension: None,
             index_factory: "Flat".to_owned(),
+            train_threshold: None,
+            nprobe: 16,
+            ef_search: 64,
+            tombstone_rebuild_fraction: 0.2,
+            openmp_threads: 1,
             metric: Metric::InnerProduct,
             max_k: 1000,
             max_batch_items: 4096,
@@ -141,8 +172,37 @@ impl Settings {
                 "use a FAISS index factory string such as Flat",
             ));
         }
+        if !(self.tombstone_rebuild_fraction > 0.0 && self.tombstone_rebuild_fraction <= 1.0) {
+            return Err(SettingsError::invalid(
+                "tombstone_rebuild_fraction",
+                self.tombstone_rebuild_fraction,
+                "use a fraction above 0 and at most 1",
+            ));
+        }
+        if self.nprobe == 0 || self.nprobe > MAX_NPROBE {
+            return Err(SettingsError::invalid(
+                "nprobe",
+                self.nprobe,
+                &format!("use a value from 1 to {MAX_NPROBE}"),
+            ));
+        }
+        if self.ef_search == 0 || self.ef_search > MAX_EF_SEARCH {
+            return Err(SettingsError::invalid(
+                "ef_search",
+                self.ef_search,
+                &format!("use a value from 1 to {MAX_EF_SEARCH}"),
+            ));
+        }
+        if self.train_threshold == Some(0) {
+            return Err(SettingsError::invalid(
+                "train_threshold",
+                0,
+                "use a value of at least 1, or leave it unset for the default",
+            ));
+        }
         let positive = [
             ("max_k", u64::from(self.max_k)),
+            ("openmp_threads", u64::from(self.openmp_threads)),
             ("max_batch_items", u64::from(self.max_batch_items)),
             ("max_search_queries", u64::from(self.max_search_queries)),
             ("snapshot_every", self.snapshot_every),
@@ -270,6 +330,27 @@ mod tests {
                 "snapshot_every",
                 Settings {
                     snapshot_every: 0,
+                    ..Settings::default()
+                },
+            ),
+            (
+                "nprobe",
+                Settings {
+                    nprobe: 0,
+                    ..Settings::default()
+                },
+            ),
+            (
+                "ef_search",
+                Settings {
+                    ef_search: MAX_EF_SEARCH + 1,
+                    ..Settings::default()
+                },
+            ),
+            (
+                "tombstone_rebuild_fraction",
+                Settings {
+                    tombstone_rebuild_fraction: 0.0,
                     ..Settings::default()
                 },
             ),

@@ -17,14 +17,17 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, TryLockError};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::{Mutex, RwLock};
 
-use crate::error::ShardError;
+use crate::error::{IndexError, ShardError};
 use crate::item::StoredItem;
-use crate::settings::{Settings, MAX_DIMENSION};
+use crate::settings::{Settings, MAX_DIMENSION, MAX_EF_SEARCH, MAX_NPROBE};
+use crate::vector_index::QueryParams;
 use crate::snapshot::{self, SnapshotMeta, SNAPSHOT_FILE_NAME};
 use crate::state::ShardState;
 use crate::validate;
@@ -86,6 +89,33 @@ pub struct ShardStats {
     pub last_snapshot_unix_ms: u64,
     /// Records in the write-ahead log.
     pub wal_records: u64,
+    /// False while an index that needs training waits for enough vectors;
+    /// searches are exact meanwhile.
+    pub trained: bool,
+    /// Deleted or replaced vectors still inside the index, filtered at
+    /// search time until the next rebuild.
+    pub tombstones: u64,
+    /// Metric name: `inner_product` or `l2`.
+    pub metric: &'static str,
+}
+
+/// Query-time search parameters; 0 selects the shard's configured default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SearchParams {
+    /// Inverted lists visited by an IVF index.
+    pub nprobe: u32,
+    /// Candidate list size of an HNSW index.
+    pub ef_search: u32,
+}
+
+/// Result of [`Shard::train`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrainOutcome {
+    /// Vectors the index was trained on; 0 for an index that needs no
+    /// training.
+    pub trained_on: u64,
+    /// True when the index needed no training or was trained already.
+    pub already_trained: bool,
 }
 
 /// Counts of the data [`Shard::open`] recovered from the data directory.
@@ -124,13 +154,29 @@ struct Writer {
 }
 
 /// One shard of the catalog, durable in its data directory.
+///
+/// Dropping the shard waits for a background index build to finish, so the
+/// data directory is unlocked once the drop returns.
 pub struct Shard {
+    inner: Arc<ShardInner>,
+    /// Thread running a background index build; joined before the next one
+    /// starts and on drop.
+    worker: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Shard contents shared with the background index build.
+struct ShardInner {
     settings: Settings,
     state: RwLock<ShardState>,
     writer: Mutex<Writer>,
     /// Copy of the log record count, readable without the writer mutex.
     wal_records: AtomicU64,
     last_snapshot_unix_ms: AtomicU64,
+    /// True while an index build (background or `Train`) runs.
+    building: AtomicBool,
+    /// Set when a background build failed, so that writes do not start the
+    /// same failing build again; `Train` and restarts clear it.
+    background_failed: AtomicBool,
     /// Held open for its lock on the data directory.
     _lock_file: File,
 }
@@ -139,8 +185,8 @@ impl std::fmt::Debug for Shard {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         formatter
             .debug_struct("Shard")
-            .field("shard_id", &self.settings.shard_id)
-            .field("data_dir", &self.settings.data_dir)
+            .field("shard_id", &self.inner.settings.shard_id)
+            .field("data_dir", &self.inner.settings.data_dir)
             .finish_non_exhaustive()
     }
 }
@@ -151,6 +197,7 @@ impl Shard {
     /// vectors. Creates the directory when missing.
     pub fn open(settings: Settings) -> Result<(Self, RecoveryReport), ShardError> {
         settings.validate()?;
+        crate::vector_index::set_openmp_threads(settings.openmp_threads);
         let data_dir = settings.data_dir.clone();
         let started = Instant::now();
         tracing::info!(shard_id = settings.shard_id, data_dir = %data_dir.display(), "opening shard");
@@ -215,17 +262,14 @@ impl Shard {
         }
         if state.dimension.is_none() {
             if let Some(configured) = settings.dimension {
-                state.index = Some(crate::vector_index::VectorIndex::new(
-                    &settings.index_factory,
-                    configured,
-                    settings.metric,
-                )?);
+                state.install_empty_index(&settings, configured)?;
             }
         }
-        state.rebuild_index(&settings.index_factory, settings.metric)?;
+        let trained_before = snapshot_meta.as_ref().is_some_and(|meta| meta.trained);
+        state.rebuild_index(&settings, trained_before)?;
         report.items = state.items.len() as u64;
 
-        let shard = Self {
+        let inner = ShardInner {
             wal_records: AtomicU64::new(wal.records()),
             last_snapshot_unix_ms: AtomicU64::new(report.snapshot_unix_ms),
             writer: Mutex::new(Writer {
@@ -234,10 +278,16 @@ impl Shard {
             }),
             state: RwLock::new(state),
             settings,
+            building: AtomicBool::new(false),
+            background_failed: AtomicBool::new(false),
             _lock_file: lock_file,
         };
+        let shard = Self {
+            inner: Arc::new(inner),
+            worker: Mutex::new(None),
+        };
         tracing::info!(
-            shard_id = shard.settings.shard_id,
+            shard_id = shard.inner.settings.shard_id,
             items = report.items,
             snapshot_items = report.snapshot_items,
             wal_records_replayed = report.wal_records_replayed,
@@ -249,7 +299,7 @@ impl Shard {
 
     /// Settings the shard was opened with.
     pub fn settings(&self) -> &Settings {
-        &self.settings
+        &self.inner.settings
     }
 
     /// Inserts `items`, replacing stored items with the same ids. The write
@@ -266,13 +316,13 @@ impl Shard {
         if items.is_empty() {
             return Ok(UpsertOutcome::default());
         }
-        validate::check_upsert_items(&items, &self.settings)?;
+        validate::check_upsert_items(&items, &self.inner.settings)?;
 
-        let mut writer = self.writer.lock();
+        let mut writer = self.inner.writer.lock();
         let (dimension, new_index, replaced) = {
-            let state = self.state.read();
+            let state = self.inner.state.read();
             validate::check_fingerprint(&state.model_fingerprint, &model_fingerprint)?;
-            let dimension = match state.dimension.or(self.settings.dimension) {
+            let dimension = match state.dimension.or(self.inner.settings.dimension) {
                 Some(dimension) => dimension,
                 None => first_dimension(&items[0])?,
             };
@@ -286,15 +336,14 @@ impl Shard {
             // The first write of a shard without a configured dimension
             // creates the index. It is built before the log append, so a bad
             // factory string rejects the write instead of logging it.
-            let new_index = if state.index.is_none() && state.index_failure.is_none() {
-                Some(crate::vector_index::VectorIndex::new(
-                    &self.settings.index_factory,
+            let new_index = state.index.is_none() && state.index_failure.is_none();
+            if new_index {
+                crate::vector_index::VectorIndex::new(
+                    &self.inner.settings.index_factory,
                     dimension,
-                    self.settings.metric,
-                )?)
-            } else {
-                None
-            };
+                    self.inner.settings.metric,
+                )?;
+            }
             let replaced = items
                 .iter()
                 .filter(|item| state.labels.contains_key(&item.id))
@@ -312,13 +361,28 @@ impl Shard {
         self.append(&mut writer, &record)?;
 
         let applied = {
-            let mut state = self.state.write();
-            if new_index.is_some() {
-                state.index = new_index;
+            let mut state = self.inner.state.write();
+            let installed = if new_index {
+                state.install_empty_index(&self.inner.settings, dimension)
+            } else {
+                Ok(())
+            };
+            match installed {
+                Ok(()) => self.apply(&mut state, record),
+                Err(error) => {
+                    // The record is logged, so the items are applied; a later
+                    // write or a restart builds the index.
+                    let reason = error.to_string();
+                    state.index_failure = Some(reason.clone());
+                    state
+                        .apply_record(record)
+                        .and(Err(ShardError::IndexUnavailable { reason }))
+                }
             }
-            self.apply(&mut state, record)
         };
         self.snapshot_if_due(&mut writer);
+        drop(writer);
+        self.maybe_start_build();
         applied?;
         Ok(UpsertOutcome { upserted, replaced })
     }
@@ -328,12 +392,12 @@ impl Shard {
         if ids.is_empty() {
             return Ok(DeleteOutcome::default());
         }
-        validate::check_count("ids", ids.len(), self.settings.max_batch_items)?;
+        validate::check_count("ids", ids.len(), self.inner.settings.max_batch_items)?;
         validate::check_ids("ids", ids.iter().map(String::as_str))?;
 
-        let mut writer = self.writer.lock();
+        let mut writer = self.inner.writer.lock();
         let (found, not_found): (Vec<String>, Vec<String>) = {
-            let state = self.state.read();
+            let state = self.inner.state.read();
             ids.into_iter()
                 .partition(|id| state.labels.contains_key(id))
         };
@@ -351,39 +415,41 @@ impl Shard {
         };
         self.append(&mut writer, &record)?;
         let applied = {
-            let mut state = self.state.write();
+            let mut state = self.inner.state.write();
             self.apply(&mut state, record)
         };
         self.snapshot_if_due(&mut writer);
+        drop(writer);
+        self.maybe_start_build();
         applied?;
         Ok(DeleteOutcome { deleted, not_found })
     }
 
     /// Returns the `k` best items for each query, best first, leaving out
     /// `exclude_ids`. A shard without items returns an empty list per query.
+    /// `params` sets nprobe (IVF) and efSearch (HNSW) for this search only.
     pub fn search(
         &self,
         queries: &[Vec<f32>],
         k: u32,
         model_fingerprint: &str,
         exclude_ids: &[String],
+        params: SearchParams,
     ) -> Result<Vec<Vec<SearchHit>>, ShardError> {
-        if k == 0 || k > self.settings.max_k {
+        let settings = &self.inner.settings;
+        if k == 0 || k > settings.max_k {
             return Err(ShardError::InvalidK {
                 k,
-                max_k: self.settings.max_k,
+                max_k: settings.max_k,
             });
         }
-        validate::check_count("queries", queries.len(), self.settings.max_search_queries)?;
-        validate::check_count(
-            "exclude_ids",
-            exclude_ids.len(),
-            self.settings.max_batch_items,
-        )?;
+        validate::check_count("queries", queries.len(), settings.max_search_queries)?;
+        validate::check_count("exclude_ids", exclude_ids.len(), settings.max_batch_items)?;
+        let query_params = resolve_params(params, settings)?;
 
-        let state = self.state.read();
+        let state = self.inner.state.read();
         validate::check_fingerprint(&state.model_fingerprint, model_fingerprint)?;
-        let dimension = state.dimension.or(self.settings.dimension);
+        let dimension = state.dimension.or(settings.dimension);
         for (position, query) in queries.iter().enumerate() {
             let what = || format!("query {position}");
             match dimension {
@@ -402,53 +468,180 @@ impl Shard {
             return Err(ShardError::IndexUnavailable { reason });
         };
 
-        // Fetch enough extra results that k remain after dropping the
-        // excluded items, which can all rank first at worst.
         let excluded: HashSet<&str> = exclude_ids.iter().map(String::as_str).collect();
         let excluded_stored = excluded
             .iter()
             .filter(|id| state.labels.contains_key(**id))
             .count();
         let k = k as usize;
-        let fetch = (k + excluded_stored).min(state.items.len());
+        let indexed = usize::try_from(index.len()).unwrap_or(usize::MAX);
+        // Excluded items can all rank first, so fetch that many extra. Each
+        // tombstone hides one result, so fetch extra in proportion to the
+        // tombstone share too, and fetch more below when that was not
+        // enough.
+        let wanted = k + excluded_stored;
+        let tombstones = state.tombstones as usize;
+        let live = indexed.saturating_sub(tombstones).max(1);
+        let mut fetch = (wanted + wanted * tombstones / live + tombstones.min(wanted))
+            .min(indexed)
+            .max(1);
 
         let flat: Vec<f32> = queries.iter().flatten().copied().collect();
-        let (distances, labels) = index.search(&flat, fetch)?;
+        loop {
+            let (distances, labels) = index.search(&flat, fetch, query_params)?;
+            let results: Vec<Vec<SearchHit>> = distances
+                .chunks_exact(fetch)
+                .zip(labels.chunks_exact(fetch))
+                .map(|(distances, labels)| self.collect_hits(&state, &excluded, distances, labels, k))
+                .collect();
+            let short = results.iter().any(|hits| hits.len() < k);
+            if !short || fetch >= indexed || tombstones == 0 {
+                return Ok(results);
+            }
+            fetch = (fetch * 2).min(indexed);
+        }
+    }
 
-        let results = distances
-            .chunks_exact(fetch)
-            .zip(labels.chunks_exact(fetch))
-            .map(|(distances, labels)| {
-                let mut hits = Vec::with_capacity(k);
-                for (&distance, &label) in distances.iter().zip(labels) {
-                    if hits.len() == k {
-                        break;
-                    }
-                    let Some(item) = u64::try_from(label)
-                        .ok()
-                        .and_then(|label| state.items.get(&label))
-                    else {
-                        continue;
-                    };
-                    if excluded.contains(item.id.as_str()) {
-                        continue;
-                    }
-                    hits.push(SearchHit {
-                        id: item.id.clone(),
-                        score: self.score(distance),
-                        metadata: item.metadata.clone(),
+    /// Turns one query's FAISS results into at most `k` hits, skipping
+    /// tombstones (labels without an item) and excluded ids.
+    fn collect_hits(
+        &self,
+        state: &ShardState,
+        excluded: &HashSet<&str>,
+        distances: &[f32],
+        labels: &[i64],
+        k: usize,
+    ) -> Vec<SearchHit> {
+        let mut hits = Vec::with_capacity(k);
+        for (&distance, &label) in distances.iter().zip(labels) {
+            if hits.len() == k {
+                break;
+            }
+            let Some(item) = u64::try_from(label)
+                .ok()
+                .and_then(|label| state.items.get(&label))
+            else {
+                continue;
+            };
+            if excluded.contains(item.id.as_str()) {
+                continue;
+            }
+            hits.push(SearchHit {
+                id: item.id.clone(),
+                score: self.score(distance),
+                metadata: item.metadata.clone(),
+            });
+        }
+        hits
+    }
+
+    /// Trains an index that needs training on every stored vector now,
+    /// without waiting for the training threshold, then takes a snapshot so
+    /// that a restart trains again. Writes and searches continue during the
+    /// training; a background build in progress is waited for first.
+    pub fn train(&self) -> Result<TrainOutcome, ShardError> {
+        loop {
+            self.wait_for_background_build();
+            {
+                let state = self.inner.state.read();
+                if state.index.is_some() && !state.awaiting_training {
+                    return Ok(TrainOutcome {
+                        trained_on: state.trained_on,
+                        already_trained: true,
                     });
                 }
-                hits
-            })
-            .collect();
-        Ok(results)
+            }
+            if self
+                .inner
+                .building
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                break;
+            }
+        }
+        self.inner.background_failed.store(false, Ordering::Release);
+        let result = self.inner.build_and_install("Train request");
+        self.inner.building.store(false, Ordering::Release);
+        let trained_on = result?;
+        self.snapshot()?;
+        Ok(TrainOutcome {
+            trained_on,
+            already_trained: false,
+        })
+    }
+
+    /// Waits until a background index build (training, or a rebuild that
+    /// drops tombstones) has finished. Returns at once when none runs.
+    pub fn wait_for_background_build(&self) {
+        let handle = self.worker.lock().take();
+        if let Some(handle) = handle {
+            if handle.join().is_err() {
+                tracing::error!(
+                    shard_id = self.inner.settings.shard_id,
+                    "background index build panicked"
+                );
+            }
+        }
+    }
+
+    /// Starts a background build when the stored vectors reached the
+    /// training threshold or tombstones reached their rebuild fraction.
+    fn maybe_start_build(&self) {
+        if self.inner.background_failed.load(Ordering::Acquire) {
+            return;
+        }
+        let reason = {
+            let state = self.inner.state.read();
+            if state.training_due() {
+                "training threshold reached"
+            } else if state.tombstone_rebuild_due(self.inner.settings.tombstone_rebuild_fraction) {
+                "tombstone rebuild fraction reached"
+            } else {
+                return;
+            }
+        };
+        if self
+            .inner
+            .building
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return;
+        }
+        let mut worker = self.worker.lock();
+        if let Some(finished) = worker.take() {
+            // `building` was false, so that thread has finished its work.
+            let _ = finished.join();
+        }
+        let inner = Arc::clone(&self.inner);
+        let spawned = std::thread::Builder::new()
+            .name(format!("index-build-{}", self.inner.settings.shard_id))
+            .spawn(move || {
+                if let Err(error) = inner.build_and_install(reason) {
+                    inner.background_failed.store(true, Ordering::Release);
+                    tracing::error!(
+                        shard_id = inner.settings.shard_id,
+                        reason,
+                        %error,
+                        "background index build failed; the current index keeps serving, and a Train request or a restart retries"
+                    );
+                }
+                inner.building.store(false, Ordering::Release);
+            });
+        match spawned {
+            Ok(handle) => *worker = Some(handle),
+            Err(error) => {
+                self.inner.building.store(false, Ordering::Release);
+                tracing::error!(shard_id = self.inner.settings.shard_id, %error, "failed to start the background index build thread");
+            }
+        }
     }
 
     /// Returns the stored items with the given ids, in request order. Fails
     /// with [`ShardError::NotFound`] naming every missing id.
     pub fn get(&self, ids: &[String]) -> Result<Vec<StoredItem>, ShardError> {
-        validate::check_count("ids", ids.len(), self.settings.max_batch_items)?;
+        validate::check_count("ids", ids.len(), self.inner.settings.max_batch_items)?;
         if let Some(position) = ids.iter().position(String::is_empty) {
             return Err(ShardError::EmptyId {
                 field: "ids",
@@ -456,7 +649,7 @@ impl Shard {
             });
         }
 
-        let state = self.state.read();
+        let state = self.inner.state.read();
         let mut items = Vec::with_capacity(ids.len());
         let mut missing = Vec::new();
         for id in ids {
@@ -477,9 +670,9 @@ impl Shard {
 
     /// Returns counts, sizes and identity of the shard.
     pub fn stats(&self) -> ShardStats {
-        let state = self.state.read();
+        let state = self.inner.state.read();
         let count = state.items.len() as u64;
-        let dimension = state.dimension.or(self.settings.dimension).unwrap_or(0);
+        let dimension = state.dimension.or(self.inner.settings.dimension).unwrap_or(0);
         // The service keeps one f32 copy of each vector for snapshots and
         // Get, and a flat index keeps another. Compressed indexes keep less,
         // so for them this overestimates.
@@ -487,25 +680,28 @@ impl Shard {
         ShardStats {
             vector_count: count,
             dimension,
-            index_type: self.settings.index_factory.clone(),
+            index_type: self.inner.settings.index_factory.clone(),
             model_fingerprint: state.model_fingerprint.clone(),
-            shard_id: self.settings.shard_id,
+            shard_id: self.inner.settings.shard_id,
             memory_bytes: count * (vector_bytes + ITEM_OVERHEAD_BYTES) + state.payload_bytes,
-            last_snapshot_unix_ms: self.last_snapshot_unix_ms.load(Ordering::Relaxed),
-            wal_records: self.wal_records.load(Ordering::Relaxed),
+            last_snapshot_unix_ms: self.inner.last_snapshot_unix_ms.load(Ordering::Relaxed),
+            wal_records: self.inner.wal_records.load(Ordering::Relaxed),
+            trained: state.index.is_some() && !state.awaiting_training,
+            tombstones: state.tombstones,
+            metric: self.inner.settings.metric.as_str(),
         }
     }
 
     /// Writes a snapshot of every item and truncates the write-ahead log.
     pub fn snapshot(&self) -> Result<SnapshotSummary, ShardError> {
-        let mut writer = self.writer.lock();
+        let mut writer = self.inner.writer.lock();
         self.snapshot_locked(&mut writer)
     }
 
     /// Takes a snapshot when the write-ahead log contains records, as on a clean
     /// stop. Returns `None` when the log is empty.
     pub fn checkpoint(&self) -> Result<Option<SnapshotSummary>, ShardError> {
-        let mut writer = self.writer.lock();
+        let mut writer = self.inner.writer.lock();
         if writer.wal.records() == 0 {
             return Ok(None);
         }
@@ -515,18 +711,18 @@ impl Shard {
     fn append(&self, writer: &mut Writer, record: &WalRecord) -> Result<(), ShardError> {
         writer.wal.append(record)?;
         writer.next_sequence += 1;
-        self.wal_records
+        self.inner.wal_records
             .store(writer.wal.records(), Ordering::Relaxed);
         Ok(())
     }
 
     fn apply(&self, state: &mut ShardState, record: WalRecord) -> Result<(), ShardError> {
         let changes = state.apply_record(record)?;
-        state.update_index(&changes, &self.settings.index_factory, self.settings.metric)
+        state.update_index(&changes, &self.inner.settings)
     }
 
     fn score(&self, distance: f32) -> f32 {
-        match self.settings.metric {
+        match self.inner.settings.metric {
             crate::settings::Metric::InnerProduct => distance,
             crate::settings::Metric::L2 => -distance,
         }
@@ -536,14 +732,14 @@ impl Shard {
     /// `snapshot_wal_bytes` bytes. A failure is logged, not returned,
     /// because the write that triggered it is already durable in the log.
     fn snapshot_if_due(&self, writer: &mut Writer) {
-        let due = writer.wal.records() >= self.settings.snapshot_every
-            || writer.wal.len_bytes() >= self.settings.snapshot_wal_bytes;
+        let due = writer.wal.records() >= self.inner.settings.snapshot_every
+            || writer.wal.len_bytes() >= self.inner.settings.snapshot_wal_bytes;
         if !due {
             return;
         }
         if let Err(error) = self.snapshot_locked(writer) {
             tracing::error!(
-                shard_id = self.settings.shard_id,
+                shard_id = self.inner.settings.shard_id,
                 %error,
                 wal_records = writer.wal.records(),
                 "failed to take a snapshot; the write-ahead log keeps growing until one succeeds"
@@ -555,28 +751,29 @@ impl Shard {
         let started = Instant::now();
         let created_unix_ms = now_unix_ms();
         let (items, bytes) = {
-            let state = self.state.read();
+            let state = self.inner.state.read();
             let meta = SnapshotMeta {
                 created_unix_ms,
                 last_sequence: writer.next_sequence - 1,
                 dimension: state.dimension,
                 model_fingerprint: state.model_fingerprint.clone(),
-                index_factory: self.settings.index_factory.clone(),
-                metric: self.settings.metric.as_str().to_owned(),
+                index_factory: self.inner.settings.index_factory.clone(),
+                metric: self.inner.settings.metric.as_str().to_owned(),
+                trained: !state.awaiting_training && state.trained_on > 0,
                 items: state.items.len() as u64,
             };
             let bytes =
-                snapshot::write_snapshot(&self.settings.data_dir, &meta, state.items.values())?;
+                snapshot::write_snapshot(&self.inner.settings.data_dir, &meta, state.items.values())?;
             (meta.items, bytes)
         };
         // The snapshot is durable, so the records it contains can go. Should
         // the truncation fail, replay skips them by sequence number.
         writer.wal.reset()?;
-        self.wal_records.store(0, Ordering::Relaxed);
-        self.last_snapshot_unix_ms
+        self.inner.wal_records.store(0, Ordering::Relaxed);
+        self.inner.last_snapshot_unix_ms
             .store(created_unix_ms, Ordering::Relaxed);
         tracing::info!(
-            shard_id = self.settings.shard_id,
+            shard_id = self.inner.settings.shard_id,
             items,
             bytes,
             elapsed_ms = started.elapsed().as_millis() as u64,
@@ -588,6 +785,86 @@ impl Shard {
             created_unix_ms,
         })
     }
+}
+
+impl ShardInner {
+    /// Builds the configured index from a copy of the stored vectors without
+    /// holding a lock, then installs it, catching up with the writes applied
+    /// meanwhile. Returns the number of training vectors. The caller has set
+    /// `building`.
+    fn build_and_install(&self, reason: &'static str) -> Result<u64, ShardError> {
+        let started = Instant::now();
+        let input = {
+            let state = self.state.read();
+            let Some(dimension) = state.dimension else {
+                return Err(IndexError::TooFewTrainingVectors {
+                    factory: self.settings.index_factory.clone(),
+                    given: 0,
+                    minimum: 1,
+                }
+                .into());
+            };
+            let configured = crate::vector_index::VectorIndex::new(
+                &self.settings.index_factory,
+                dimension,
+                self.settings.metric,
+            )?;
+            let stored = state.items.len() as u64;
+            if !configured.is_trained() && stored < configured.min_training_vectors() {
+                return Err(IndexError::TooFewTrainingVectors {
+                    factory: self.settings.index_factory.clone(),
+                    given: stored,
+                    minimum: configured.min_training_vectors(),
+                }
+                .into());
+            }
+            state.build_input()
+        };
+        let vectors = input.len();
+        tracing::info!(shard_id = self.settings.shard_id, reason, vectors, "building the vector index");
+        let built = input.build(&self.settings)?;
+        let trained_on = built.trained_on();
+        self.state.write().install(built)?;
+        tracing::info!(
+            shard_id = self.settings.shard_id,
+            reason,
+            vectors,
+            trained_on,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "built the vector index"
+        );
+        Ok(trained_on)
+    }
+}
+
+impl Drop for Shard {
+    fn drop(&mut self) {
+        self.wait_for_background_build();
+    }
+}
+
+/// Replaces zero query parameters with the configured defaults and checks
+/// the others.
+fn resolve_params(params: SearchParams, settings: &Settings) -> Result<QueryParams, ShardError> {
+    if params.nprobe > MAX_NPROBE {
+        return Err(ShardError::InvalidSearchParam {
+            field: "params.nprobe",
+            value: params.nprobe,
+            max: MAX_NPROBE,
+        });
+    }
+    if params.ef_search > MAX_EF_SEARCH {
+        return Err(ShardError::InvalidSearchParam {
+            field: "params.ef_search",
+            value: params.ef_search,
+            max: MAX_EF_SEARCH,
+        });
+    }
+    let pick = |requested: u32, default: u32| if requested == 0 { default } else { requested };
+    Ok(QueryParams {
+        nprobe: pick(params.nprobe, settings.nprobe) as usize,
+        ef_search: pick(params.ef_search, settings.ef_search) as usize,
+    })
 }
 
 fn io_error(operation: &'static str, path: &Path, source: std::io::Error) -> ShardError {

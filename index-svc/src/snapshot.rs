@@ -1,7 +1,7 @@
 //! Snapshots: the full shard state in one file, replaced atomically, so that
 //! the write-ahead log can be truncated.
 //!
-//! # Format (version 1)
+//! # Format (version 2)
 //!
 //! All integers are little-endian; strings are a `u32` length followed by
 //! UTF-8 bytes (see [`crate::codec`]).
@@ -12,10 +12,14 @@
 //!        u64 last write-ahead log sequence contained,
 //!        u32 dimension (0 while no write has fixed it),
 //!        string model fingerprint, string index factory, string metric,
+//!        u8 trained (1 when the index had been trained; absent in version 1),
 //!        u64 item count,
 //!        item count x (u32 item length, item (see `StoredItem::encode`)),
 //!        u32 CRC-32 (IEEE) of every byte before it
 //! ```
+//!
+//! The FAISS index itself is not stored: opening a shard rebuilds it from the
+//! stored vectors, training it again when it was trained before.
 //!
 //! # Atomic replacement
 //!
@@ -36,7 +40,9 @@ use crate::item::StoredItem;
 /// Name of the snapshot file inside the data directory.
 pub const SNAPSHOT_FILE_NAME: &str = "snapshot.bin";
 /// Format version written into new snapshots.
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 1;
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 2;
+/// Oldest format version this build reads.
+const OLDEST_READABLE_VERSION: u32 = 1;
 
 const TEMP_FILE_NAME: &str = "snapshot.bin.tmp";
 const MAGIC: &[u8; 8] = b"DB4RSNP\0";
@@ -57,6 +63,9 @@ pub struct SnapshotMeta {
     pub index_factory: String,
     /// Metric name the shard used when the snapshot was taken.
     pub metric: String,
+    /// Whether the index had been trained, so that a reopened shard trains
+    /// it again even below the training threshold.
+    pub trained: bool,
     /// Number of items.
     pub items: u64,
 }
@@ -99,6 +108,7 @@ where
     codec::put_str(&mut header, &meta.model_fingerprint);
     codec::put_str(&mut header, &meta.index_factory);
     codec::put_str(&mut header, &meta.metric);
+    header.push(u8::from(meta.trained));
     codec::put_u64(&mut header, items.len() as u64);
     writer
         .write_all(&header)
@@ -180,7 +190,7 @@ where
         });
     }
     let version = reader.read_u32()?;
-    if version != SNAPSHOT_FORMAT_VERSION {
+    if !(OLDEST_READABLE_VERSION..=SNAPSHOT_FORMAT_VERSION).contains(&version) {
         return Err(SnapshotError::UnsupportedVersion {
             path: path.to_owned(),
             found: version,
@@ -193,6 +203,11 @@ where
     let model_fingerprint = reader.read_string()?;
     let index_factory = reader.read_string()?;
     let metric = reader.read_string()?;
+    let trained = if version >= 2 {
+        reader.read_vec(1)?[0] != 0
+    } else {
+        false
+    };
     let items = reader.read_u64()?;
 
     for _ in 0..items {
@@ -227,6 +242,7 @@ where
         model_fingerprint,
         index_factory,
         metric,
+        trained,
         items,
     }))
 }
@@ -334,6 +350,7 @@ mod tests {
             model_fingerprint: "model-a".into(),
             index_factory: "Flat".into(),
             metric: "inner_product".into(),
+            trained: true,
             items: 2,
         }
     }

@@ -93,6 +93,7 @@ fn search_request(query: Vec<f32>, k: u32, fingerprint: &str) -> IndexSearchRequ
         k,
         model_fingerprint: fingerprint.to_owned(),
         exclude_ids: Vec::new(),
+        params: None,
     }
 }
 

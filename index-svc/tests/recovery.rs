@@ -8,7 +8,7 @@ use std::fs::{self, OpenOptions};
 use index_svc::error::ShardError;
 use index_svc::snapshot::SNAPSHOT_FILE_NAME;
 use index_svc::wal::WAL_FILE_NAME;
-use index_svc::{SearchHit, Settings, Shard, StoredItem};
+use index_svc::{SearchParams, SearchHit, Settings, Shard, StoredItem};
 
 const DIMENSION: usize = 16;
 
@@ -43,7 +43,7 @@ fn write_history(shard: &Shard) -> (HashMap<String, Vec<f32>>, Vec<String>) {
 }
 
 fn search_all(shard: &Shard, queries: &[Vec<f32>]) -> Vec<Vec<SearchHit>> {
-    shard.search(queries, 20, "model-a", &[]).unwrap()
+    shard.search(queries, 20, "model-a", &[], SearchParams::default()).unwrap()
 }
 
 fn queries() -> Vec<Vec<f32>> {
@@ -172,7 +172,7 @@ fn writes_after_restart_continue_the_history() {
     let (shard, report) = Shard::open(common::settings(dir.path())).unwrap();
     assert_eq!(report.wal_records_replayed, 3);
     let hits = shard
-        .search(&[vec![1.0, 0.0]], 5, "", &[])
+        .search(&[vec![1.0, 0.0]], 5, "", &[], SearchParams::default())
         .unwrap()
         .remove(0);
     let ids: Vec<&str> = hits.iter().map(|hit| hit.id.as_str()).collect();
@@ -269,7 +269,7 @@ fn dimension_and_fingerprint_survive_restart() {
         "{error}"
     );
     let error = shard
-        .search(&[vec![1.0, 0.0, 0.0]], 1, "model-b", &[])
+        .search(&[vec![1.0, 0.0, 0.0]], 1, "model-b", &[], SearchParams::default())
         .unwrap_err();
     assert!(
         matches!(error, ShardError::FingerprintMismatch { .. }),

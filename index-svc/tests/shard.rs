@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashMap;
 
 use index_svc::error::{IndexError, ShardError};
-use index_svc::{Metric, SearchHit, Settings, Shard};
+use index_svc::{SearchParams, Metric, SearchHit, Settings, Shard};
 
 const DIMENSION: usize = 32;
 /// Allowed difference between FAISS float32 scores and the f64 reference.
@@ -70,7 +70,7 @@ fn search_matches_brute_force() {
         .map(|_| common::random_unit_vector(&mut rng, DIMENSION))
         .collect();
 
-    let results = shard.search(&queries, 10, "", &[]).unwrap();
+    let results = shard.search(&queries, 10, "", &[], SearchParams::default()).unwrap();
     assert_eq!(results.len(), queries.len());
     for (query, hits) in queries.iter().zip(&results) {
         let reference = common::brute_force_top_k(&stored, query, 10, Metric::InnerProduct, &[]);
@@ -97,7 +97,7 @@ fn search_matches_brute_force() {
     assert!(outcome.not_found.is_empty());
     assert_eq!(shard.stats().vector_count, 1700);
 
-    let results = shard.search(&queries, 50, "", &[]).unwrap();
+    let results = shard.search(&queries, 50, "", &[], SearchParams::default()).unwrap();
     for (query, hits) in queries.iter().zip(&results) {
         let reference = common::brute_force_top_k(&stored, query, 50, Metric::InnerProduct, &[]);
         assert_matches_reference(hits, &reference, &stored, query, Metric::InnerProduct);
@@ -136,7 +136,7 @@ fn search_excludes_ids() {
         .chain(["unknown-1".to_owned(), String::new()])
         .collect();
     let hits = shard
-        .search(std::slice::from_ref(&query), 5, "", &exclude)
+        .search(std::slice::from_ref(&query), 5, "", &exclude, SearchParams::default())
         .unwrap()
         .remove(0);
 
@@ -163,7 +163,7 @@ fn search_with_fewer_items_than_k() {
         .unwrap();
 
     let hits = shard
-        .search(&[vec![1.0, 0.0]], 10, "", &["c".to_owned()])
+        .search(&[vec![1.0, 0.0]], 10, "", &["c".to_owned()], SearchParams::default())
         .unwrap()
         .remove(0);
 
@@ -197,7 +197,7 @@ fn l2_scores_are_negated_squared_distances() {
     let query = common::random_unit_vector(&mut rng, 8);
 
     let hits = shard
-        .search(std::slice::from_ref(&query), 20, "", &[])
+        .search(std::slice::from_ref(&query), 20, "", &[], SearchParams::default())
         .unwrap()
         .remove(0);
 
@@ -212,7 +212,7 @@ fn empty_shard_search_returns_empty_results() {
     let (shard, _) = Shard::open(common::settings(dir.path())).unwrap();
 
     let results = shard
-        .search(&[vec![1.0, 2.0], vec![3.0, 4.0]], 5, "model-a", &[])
+        .search(&[vec![1.0, 2.0], vec![3.0, 4.0]], 5, "model-a", &[], SearchParams::default())
         .unwrap();
 
     assert_eq!(results, vec![Vec::new(), Vec::new()]);
@@ -228,11 +228,11 @@ fn emptied_shard_search_returns_empty_results() {
         .unwrap();
     shard.delete(vec!["a".into()]).unwrap();
 
-    let results = shard.search(&[vec![1.0, 0.0]], 5, "", &[]).unwrap();
+    let results = shard.search(&[vec![1.0, 0.0]], 5, "", &[], SearchParams::default()).unwrap();
 
     assert_eq!(results, vec![Vec::new()]);
     let error = shard
-        .search(&[vec![1.0, 0.0, 0.0]], 5, "", &[])
+        .search(&[vec![1.0, 0.0, 0.0]], 5, "", &[], SearchParams::default())
         .unwrap_err();
     assert!(
         matches!(
@@ -314,26 +314,26 @@ fn invalid_requests_are_rejected() {
         .unwrap();
     let query = vec![vec![1.0, 0.0]];
 
-    let error = shard.search(&query, 0, "", &[]).unwrap_err();
+    let error = shard.search(&query, 0, "", &[], SearchParams::default()).unwrap_err();
     assert_eq!(
         error.to_string(),
         "k = 0 is out of range; request a k from 1 to 10"
     );
-    let error = shard.search(&query, 11, "", &[]).unwrap_err();
+    let error = shard.search(&query, 11, "", &[], SearchParams::default()).unwrap_err();
     assert!(
         matches!(error, ShardError::InvalidK { k: 11, max_k: 10 }),
         "{error}"
     );
 
     let error = shard
-        .search(&[vec![1.0, 0.0, 0.0]], 1, "", &[])
+        .search(&[vec![1.0, 0.0, 0.0]], 1, "", &[], SearchParams::default())
         .unwrap_err();
     assert_eq!(
         error.to_string(),
         "query 0 has dimension 3, but the shard dimension is 2; send vectors of length 2"
     );
     let error = shard
-        .search(&[vec![1.0, 0.0], vec![f32::NAN, 0.0]], 1, "", &[])
+        .search(&[vec![1.0, 0.0], vec![f32::NAN, 0.0]], 1, "", &[], SearchParams::default())
         .unwrap_err();
     assert!(
         error
@@ -471,7 +471,7 @@ fn configured_dimension_applies_before_the_first_write() {
     .unwrap();
 
     assert_eq!(shard.stats().dimension, 4);
-    let error = shard.search(&[vec![1.0, 0.0]], 1, "", &[]).unwrap_err();
+    let error = shard.search(&[vec![1.0, 0.0]], 1, "", &[], SearchParams::default()).unwrap_err();
     assert!(
         matches!(
             error,
@@ -515,7 +515,7 @@ fn fingerprint_fences_the_shard() {
         "model fingerprint \"model-b\" does not match the shard's fingerprint \"model-a\"; send vectors of model \"model-a\", or use a shard for the new model"
     );
     let error = shard
-        .search(&[vec![1.0, 0.0]], 1, "model-b", &[])
+        .search(&[vec![1.0, 0.0]], 1, "model-b", &[], SearchParams::default())
         .unwrap_err();
     assert!(
         matches!(error, ShardError::FingerprintMismatch { .. }),
@@ -523,11 +523,11 @@ fn fingerprint_fences_the_shard() {
     );
 
     assert_eq!(
-        shard.search(&[vec![1.0, 0.0]], 1, "model-a", &[]).unwrap()[0][0].id,
+        shard.search(&[vec![1.0, 0.0]], 1, "model-a", &[], SearchParams::default()).unwrap()[0][0].id,
         "a"
     );
     assert_eq!(
-        shard.search(&[vec![1.0, 0.0]], 1, "", &[]).unwrap()[0].len(),
+        shard.search(&[vec![1.0, 0.0]], 1, "", &[], SearchParams::default()).unwrap()[0].len(),
         1
     );
     shard
@@ -538,10 +538,10 @@ fn fingerprint_fences_the_shard() {
 }
 
 #[test]
-fn unsupported_factory_rejects_the_first_write() {
+fn invalid_factory_rejects_the_first_write() {
     let dir = tempfile::tempdir().unwrap();
     let settings = Settings {
-        index_factory: "IVF16,Flat".into(),
+        index_factory: "IVF16,NoSuchCodec".into(),
         ..common::settings(dir.path())
     };
     let (shard, _) = Shard::open(settings).unwrap();
@@ -551,7 +551,7 @@ fn unsupported_factory_rejects_the_first_write() {
         .unwrap_err();
 
     assert!(
-        matches!(error, ShardError::Index(IndexError::Unsupported { .. })),
+        matches!(error, ShardError::Index(IndexError::Build { .. })),
         "{error}"
     );
     assert_eq!(shard.stats().wal_records, 0);
@@ -559,10 +559,10 @@ fn unsupported_factory_rejects_the_first_write() {
 }
 
 #[test]
-fn unsupported_factory_with_a_dimension_fails_open() {
+fn invalid_factory_with_a_dimension_fails_open() {
     let dir = tempfile::tempdir().unwrap();
     let settings = Settings {
-        index_factory: "HNSW16".into(),
+        index_factory: "HNSW16,Banana".into(),
         dimension: Some(8),
         ..common::settings(dir.path())
     };
@@ -570,7 +570,7 @@ fn unsupported_factory_with_a_dimension_fails_open() {
     let error = Shard::open(settings).unwrap_err();
 
     assert!(
-        matches!(error, ShardError::Index(IndexError::Unsupported { .. })),
+        matches!(error, ShardError::Index(IndexError::Build { .. })),
         "{error}"
     );
 }

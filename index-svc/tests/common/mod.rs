@@ -5,6 +5,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+pub mod process;
+
 use index_svc::{Metric, Settings, StoredItem};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
