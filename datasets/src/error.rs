@@ -109,6 +109,13 @@ pub enum DatasetError {
         id: String,
     },
 
+    /// An easy-VQA catalog item id does not have the form `evqa-<split>-<index>`.
+    #[error("invalid easy-VQA item id {id:?}: expected evqa-train-<index> or evqa-test-<index>, for example evqa-test-00042")]
+    InvalidEasyVqaItemId {
+        /// Id that failed to parse.
+        id: String,
+    },
+
     /// A split name other than "train" or "test".
     #[error("invalid split {name:?}: expected \"train\" or \"test\"")]
     InvalidSplit {
@@ -119,6 +126,15 @@ pub enum DatasetError {
     /// A class name that is not one of the ten Fashion-MNIST classes.
     #[error("invalid class {name:?}: expected one of {expected}")]
     InvalidClass {
+        /// Name that failed to parse.
+        name: String,
+        /// Comma-separated list of valid names.
+        expected: String,
+    },
+
+    /// A shape name that is not one of the three easy-VQA shapes.
+    #[error("invalid shape {name:?}: expected one of {expected}")]
+    InvalidShape {
         /// Name that failed to parse.
         name: String,
         /// Comma-separated list of valid names.
@@ -137,6 +153,86 @@ pub enum DatasetError {
     /// A requested subset or query set cannot be built from the given pool.
     #[error("invalid benchmark request: {0}")]
     InvalidRequest(String),
+
+    /// A file or folder a dataset reader needs does not exist or cannot be read.
+    #[error("failed to read {path}: {source}; {fix}")]
+    DatasetFile {
+        /// File or folder that failed.
+        path: PathBuf,
+        /// Underlying I/O error.
+        #[source]
+        source: std::io::Error,
+        /// Advice for the user, for example the layout the reader expects.
+        fix: String,
+    },
+
+    /// A line of a dataset file does not have the published layout.
+    #[error("{path}:{line}: {message}; {fix}")]
+    MalformedLine {
+        /// File that failed.
+        path: PathBuf,
+        /// One-based line number.
+        line: usize,
+        /// Description of the problem.
+        message: String,
+        /// Advice for the user.
+        fix: String,
+    },
+
+    /// A JSON file of a dataset does not parse or does not have the published schema.
+    #[error("{path}: invalid JSON at line {line}, column {column}: {message}; {fix}")]
+    InvalidJson {
+        /// File that failed.
+        path: PathBuf,
+        /// One-based line of the error, 0 when unknown.
+        line: usize,
+        /// One-based column of the error, 0 when unknown.
+        column: usize,
+        /// Parser message.
+        message: String,
+        /// Advice for the user.
+        fix: String,
+    },
+
+    /// A category name that the dataset does not define.
+    #[error("unknown {dataset} category {name:?}: expected one of {expected}")]
+    UnknownCategory {
+        /// Dataset the category was requested from.
+        dataset: &'static str,
+        /// Name that failed to parse.
+        name: String,
+        /// Comma-separated list of valid names.
+        expected: String,
+    },
+
+    /// A dataset name given to `--dataset` that this crate does not define.
+    #[error("invalid dataset {spec:?}: expected fmnist-colours[:DIR], easyvqa-shapes[:DIR], fashion200k:DIR, mit-states:DIR or fashioniq:DIR")]
+    InvalidDatasetSpec {
+        /// Text that failed to parse.
+        spec: String,
+    },
+
+    /// An image file could not be decoded.
+    #[error(
+        "failed to decode image {path}: {source}; the file is corrupt or not an image, replace it"
+    )]
+    ImageDecode {
+        /// File that failed.
+        path: PathBuf,
+        /// Decoder error.
+        #[source]
+        source: image::ImageError,
+    },
+
+    /// Facts about one image contradict each other, for example two easy-VQA
+    /// answers that name different colours.
+    #[error("{path}: {message}")]
+    InconsistentAnnotation {
+        /// File whose annotations disagree.
+        path: PathBuf,
+        /// Description of the disagreeing facts.
+        message: String,
+    },
 
     /// PNG encoding failed.
     #[error("failed to encode PNG: {0}")]

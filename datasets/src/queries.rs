@@ -169,13 +169,22 @@ pub struct Query {
     pub split: Split,
     /// Index of the reference image in its split.
     pub reference: usize,
-    /// Modification text.
+    /// Modification text. For a multi-step query it is the texts of all
+    /// steps joined with [`STEP_SEPARATOR`], as the model crate's
+    /// `join_modifications` joins them.
     pub text: String,
+    /// Modification texts of the steps in the order they apply; a
+    /// single-step query has one entry, equal to `text`.
+    #[serde(default)]
+    pub texts: Vec<String>,
+    /// Attributes each step changes, parallel to `texts`.
+    #[serde(default)]
+    pub step_kinds: Vec<QueryKind>,
     /// Class of the relevant items.
     pub target_class: FashionClass,
     /// Colour of the relevant items.
     pub target_colour: Colour,
-    /// Attributes the text changes.
+    /// Attributes that differ between the reference and the target, after all steps.
     pub kind: QueryKind,
 }
 
@@ -190,6 +199,11 @@ impl Query {
         item_id(self.split, self.reference)
     }
 }
+
+/// Separator between the step texts in [`Query::text`] of a multi-step
+/// query; equal to `MODIFICATION_SEPARATOR` of the model crate, which this
+/// crate does not depend on.
+pub const STEP_SEPARATOR: &str = ". ";
 
 /// Integer code of a (class, colour) pair, `class label * 8 + colour index`, 0 to 79.
 pub fn attribute_code(class: FashionClass, colour: Colour) -> i64 {
@@ -333,7 +347,7 @@ pub fn default_test_queries(test: &SplitData) -> Result<Vec<Query>> {
     generate_queries(test, &pool, &config)
 }
 
-fn generate_one(
+pub(crate) fn generate_one(
     data: &SplitData,
     pool: &[usize],
     index: &AttributeIndex,
@@ -381,10 +395,13 @@ fn generate_one(
 
         let templates = phrasing.templates(kind);
         let template = templates[rng.gen_range(0..templates.len())];
+        let text = render_template(template, target_class, target_colour);
         return Ok(Query {
             split: data.split(),
             reference,
-            text: render_template(template, target_class, target_colour),
+            texts: vec![text.clone()],
+            step_kinds: vec![kind],
+            text,
             target_class,
             target_colour,
             kind,

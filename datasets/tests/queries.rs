@@ -179,6 +179,8 @@ fn relevant_items_exclude_the_reference() {
         split: Split::Test,
         reference,
         text: "identical".to_owned(),
+        texts: vec!["identical".to_owned()],
+        step_kinds: vec![QueryKind::Colour],
         target_class: test.class(reference).unwrap(),
         target_colour: colour_of(Split::Test, reference),
         kind: QueryKind::Colour,
