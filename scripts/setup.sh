@@ -19,7 +19,7 @@ done
 step() { printf '\n==> %s\n' "$*"; }
 
 step "Debian packages"
-PACKAGES=(cmake g++ libopenblas-dev protobuf-compiler dataset-fashion-mnist python3-venv)
+PACKAGES=(cmake g++ libopenblas-dev protobuf-compiler dataset-fashion-mnist python3-venv fonts-dejavu-core)
 MISSING=()
 for package in "${PACKAGES[@]}"; do
     dpkg -s "$package" >/dev/null 2>&1 || MISSING+=("$package")

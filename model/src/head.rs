@@ -6,7 +6,7 @@
 use tch::nn::{self, Module};
 use tch::Tensor;
 
-use crate::config::HeadConfig;
+use crate::config::{HeadConfig, InputNorm};
 
 /// Variable path of the fusion MLP in the head `VarStore`.
 pub const FUSION_PATH: &str = "fusion";
@@ -22,10 +22,12 @@ pub fn l2_normalize(xs: &Tensor) -> Tensor {
     xs / norms
 }
 
-/// Fusion MLP: `Linear(image + text -> hidden)`, ReLU, Dropout, `Linear(hidden -> hidden)`,
-/// ReLU, `Linear(hidden -> joint)`, L2 normalisation. Variables `fc1`, `fc2`, `fc3`.
+/// Fusion MLP: optional per-input LayerNorm, `Linear(image + text -> hidden)`, ReLU, Dropout,
+/// `Linear(hidden -> hidden)`, ReLU, `Linear(hidden -> joint)`, L2 normalisation. Variables
+/// `fc1`, `fc2`, `fc3`, plus `image_norm` and `text_norm` with [`InputNorm::LayerNorm`].
 #[derive(Debug)]
 pub struct FusionMlp {
+    input_norms: Option<(nn::LayerNorm, nn::LayerNorm)>,
     fc1: nn::Linear,
     fc2: nn::Linear,
     fc3: nn::Linear,
@@ -43,8 +45,17 @@ impl FusionMlp {
         hidden_dim: i64,
         joint_dim: i64,
         dropout: f64,
+        input_norm: InputNorm,
     ) -> Self {
+        let input_norms = match input_norm {
+            InputNorm::None => None,
+            InputNorm::LayerNorm => Some((
+                nn::layer_norm(path / "image_norm", vec![image_dim], Default::default()),
+                nn::layer_norm(path / "text_norm", vec![text_dim], Default::default()),
+            )),
+        };
         Self {
+            input_norms,
             fc1: nn::linear(
                 path / "fc1",
                 image_dim + text_dim,
@@ -67,7 +78,17 @@ impl FusionMlp {
         text_features: &Tensor,
         train: bool,
     ) -> Tensor {
-        let joint = Tensor::cat(&[image_features, text_features], 1)
+        let inputs = match &self.input_norms {
+            Some((image_norm, text_norm)) => Tensor::cat(
+                &[
+                    image_features.apply(image_norm),
+                    text_features.apply(text_norm),
+                ],
+                1,
+            ),
+            None => Tensor::cat(&[image_features, text_features], 1),
+        };
+        let joint = inputs
             .apply(&self.fc1)
             .relu()
             .dropout(self.dropout, train)
@@ -127,8 +148,9 @@ impl Module for ProjectionHead {
     }
 }
 
-/// Creates both heads under `root`, with variables `fusion.{fc1,fc2,fc3}.{weight,bias}` and
-/// `projection.{fc1,fc2}.{weight,bias}`.
+/// Creates both heads under `root`, with variables `fusion.{fc1,fc2,fc3}.{weight,bias}`
+/// (plus `fusion.{image_norm,text_norm}.{weight,bias}` when `head.input_norm` is
+/// [`InputNorm::LayerNorm`]) and `projection.{fc1,fc2}.{weight,bias}`.
 ///
 /// Pass the root of a `VarStore` (`&store.root()`) so that the store saves to, and
 /// [`crate::DenseBert4Ret::load`] reads, a `head.safetensors` with exactly these names.
@@ -145,6 +167,7 @@ pub fn build_heads(
         head.hidden_dim,
         head.joint_dim,
         head.dropout,
+        head.input_norm,
     );
     let projection = ProjectionHead::new(
         &(root / PROJECTION_PATH),

@@ -40,7 +40,7 @@ pub use backbones::{
 };
 pub use batch::{pad_batch, stack_images};
 pub use config::{
-    HeadConfig, ImageArchitecture, ImageBackboneConfig, ModelConfig, Pooling, TextEncoderConfig,
+    HeadConfig, ImageArchitecture, ImageBackboneConfig, InputNorm, ModelConfig, Pooling, TextEncoderConfig,
     MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, MODEL_CONFIG_FILE,
 };
 pub use error::ModelError;

@@ -38,6 +38,10 @@ pub enum TrainerError {
         reason: String,
     },
 
+    /// Drawing a plot failed.
+    #[error("plot failed: {0}")]
+    Plot(String),
+
     /// A setting or input has a value the trainer cannot use.
     #[error("invalid input: {0}")]
     InvalidInput(String),

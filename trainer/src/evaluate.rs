@@ -2,10 +2,11 @@
 //!
 //! Every method ranks the 10,000 test images for each test query with its
 //! own query and catalog embeddings, and all share [`best_relevant_ranks`].
+//! Two-step queries go through the same harness as a separate query set.
 
 use std::collections::BTreeMap;
 
-use densebert4ret_datasets::{attribute_code, colour_of, QueryKind};
+use densebert4ret_datasets::{attribute_code, colour_of, Query, QueryKind};
 use densebert4ret_model::l2_normalize;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
@@ -14,7 +15,7 @@ use crate::benchmark::Benchmark;
 use crate::error::Result;
 use crate::features::Features;
 use crate::heads::Heads;
-use crate::metrics::{best_relevant_ranks, RankingInput, Recalls};
+use crate::metrics::{best_relevant_ranks, recall_at, RankingInput, Recalls};
 
 /// Retrieval method compared on the test queries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -22,6 +23,8 @@ use crate::metrics::{best_relevant_ranks, RankingInput, Recalls};
 pub enum Method {
     /// Fusion MLP over reference image and text features, projected catalog.
     Fusion,
+    /// TIRG gated residual composition over the projected reference and text features.
+    Tirg,
     /// Cosine similarity of raw backbone features of the reference and the catalog.
     ImageOnly,
     /// Heads trained with zeroed image features: text embedding against the projected catalog.
@@ -32,8 +35,9 @@ pub enum Method {
 
 impl Method {
     /// Methods in report order.
-    pub const ALL: [Method; 4] = [
+    pub const ALL: [Method; 5] = [
         Method::Fusion,
+        Method::Tirg,
         Method::ImageOnly,
         Method::TextOnly,
         Method::LateFusion,
@@ -43,6 +47,7 @@ impl Method {
     pub fn key(self) -> &'static str {
         match self {
             Method::Fusion => "fusion",
+            Method::Tirg => "tirg",
             Method::ImageOnly => "image_only",
             Method::TextOnly => "text_only",
             Method::LateFusion => "late_fusion",
@@ -53,12 +58,16 @@ impl Method {
     pub fn title(self) -> &'static str {
         match self {
             Method::Fusion => "DenseBert4Ret (fusion MLP)",
+            Method::Tirg => "TIRG (gated residual)",
             Method::ImageOnly => "Image only (raw backbone cosine)",
             Method::TextOnly => "Text only",
             Method::LateFusion => "Late fusion (image + text)",
         }
     }
 }
+
+/// Largest K of the Recall@K curve stored per method.
+pub const CURVE_MAX_K: usize = 50;
 
 /// Test results of one method.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,17 +80,45 @@ pub struct MethodResult {
     pub per_kind: BTreeMap<String, Recalls>,
     /// Median 0-based rank of the best relevant item.
     pub median_rank: usize,
+    /// Recall@K for K = 1 to [`CURVE_MAX_K`], element `K - 1`.
+    #[serde(default)]
+    pub recall_curve: Vec<f64>,
 }
 
-/// Evaluates the four methods on the test queries, reference excluded.
+/// Trained heads the evaluation compares.
+#[derive(Debug, Clone, Copy)]
+pub struct TrainedSet<'a> {
+    /// DenseBert4Ret fusion heads.
+    pub fusion: &'a Heads,
+    /// Heads trained on text alone, also used by late fusion.
+    pub text_only: &'a Heads,
+    /// TIRG heads, when they were trained.
+    pub tirg: Option<&'a Heads>,
+}
+
+/// Evaluates every method on the single-step test queries, reference excluded.
 pub fn evaluate_test(
     benchmark: &Benchmark,
     features: &Features,
     fusion: &Heads,
     text_only: &Heads,
 ) -> Result<Vec<MethodResult>> {
+    let trained = TrainedSet {
+        fusion,
+        text_only,
+        tirg: None,
+    };
+    evaluate_queries(benchmark, features, &benchmark.test_queries, &trained)
+}
+
+/// Evaluates every available method on test-split `queries`, reference excluded.
+pub fn evaluate_queries(
+    benchmark: &Benchmark,
+    features: &Features,
+    queries: &[Query],
+    trained: &TrainedSet<'_>,
+) -> Result<Vec<MethodResult>> {
     let test = &benchmark.data.test;
-    let queries = &benchmark.test_queries;
     let reference_rows: Vec<i64> = queries.iter().map(|query| query.reference as i64).collect();
     let text_rows = queries
         .iter()
@@ -110,23 +147,30 @@ pub fn evaluate_test(
     for method in Method::ALL {
         let (query_embeddings, catalog_embeddings) = match method {
             Method::Fusion => (
-                fusion.compose(&reference_features, &text_features),
-                fusion.project(&features.test_images),
+                trained.fusion.compose(&reference_features, &text_features),
+                trained.fusion.project(&features.test_images),
             ),
+            Method::Tirg => match trained.tirg {
+                Some(tirg) => (
+                    tirg.compose(&reference_features, &text_features),
+                    tirg.project(&features.test_images),
+                ),
+                None => continue,
+            },
             Method::ImageOnly => (
                 l2_normalize(&reference_features),
                 l2_normalize(&features.test_images),
             ),
             Method::TextOnly => (
-                text_only.compose(&zero_images, &text_features),
-                text_only.project(&features.test_images),
+                trained.text_only.compose(&zero_images, &text_features),
+                trained.text_only.project(&features.test_images),
             ),
             Method::LateFusion => {
-                let image_part = text_only.project(&reference_features);
-                let text_part = text_only.compose(&zero_images, &text_features);
+                let image_part = trained.text_only.project(&reference_features);
+                let text_part = trained.text_only.compose(&zero_images, &text_features);
                 (
                     l2_normalize(&(image_part + text_part)),
-                    text_only.project(&features.test_images),
+                    trained.text_only.project(&features.test_images),
                 )
             }
         };
@@ -137,29 +181,32 @@ pub fn evaluate_test(
             catalog_codes: &catalog_codes,
             excluded: &excluded,
         })?;
-
-        let mut per_kind = BTreeMap::new();
-        for kind in QueryKind::ALL {
-            let kind_ranks: Vec<usize> = queries
-                .iter()
-                .zip(&ranks)
-                .filter(|(query, _)| query.kind == kind)
-                .map(|(_, &rank)| rank)
-                .collect();
-            per_kind.insert(kind.as_str().to_owned(), Recalls::from_ranks(&kind_ranks));
-        }
-        let mut sorted = ranks.clone();
-        sorted.sort_unstable();
-        let median_rank = sorted.get(sorted.len() / 2).copied().unwrap_or(usize::MAX);
-
-        let result = MethodResult {
-            method,
-            recalls: Recalls::from_ranks(&ranks),
-            per_kind,
-            median_rank,
-        };
-        tracing::info!(method = method.key(), recalls = ?result.recalls.0, "evaluated method");
+        let result = summarise(method, queries, &ranks);
+        tracing::info!(method = method.key(), queries = queries.len(), recalls = ?result.recalls.0, "evaluated method");
         results.push(result);
     }
     Ok(results)
+}
+
+fn summarise(method: Method, queries: &[Query], ranks: &[usize]) -> MethodResult {
+    let mut per_kind = BTreeMap::new();
+    for kind in QueryKind::ALL {
+        let kind_ranks: Vec<usize> = queries
+            .iter()
+            .zip(ranks)
+            .filter(|(query, _)| query.kind == kind)
+            .map(|(_, &rank)| rank)
+            .collect();
+        per_kind.insert(kind.as_str().to_owned(), Recalls::from_ranks(&kind_ranks));
+    }
+    let mut sorted = ranks.to_vec();
+    sorted.sort_unstable();
+    let median_rank = sorted.get(sorted.len() / 2).copied().unwrap_or(usize::MAX);
+    MethodResult {
+        method,
+        recalls: Recalls::from_ranks(ranks),
+        per_kind,
+        median_rank,
+        recall_curve: (1..=CURVE_MAX_K).map(|k| recall_at(ranks, k)).collect(),
+    }
 }

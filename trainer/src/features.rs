@@ -4,6 +4,9 @@
 //! computed once. The cache file name is a SHA-256 over the weight files, the
 //! image size, the training subset and the query texts, so a rerun with the
 //! same inputs loads the features instead of recomputing them.
+//!
+//! TODO: fine-tuning the last image block and the top BERT layers needs training through the
+//! backbones on images; the trainer supports frozen backbones only.
 
 use std::fs::File;
 use std::io::Read;
@@ -111,16 +114,87 @@ pub fn load_or_compute(
     let tensors_path = cache_dir.join(format!("features-{}.safetensors", &digest[..16]));
     let key_path = tensors_path.with_extension("json");
 
-    if tensors_path.is_file() && key_path.is_file() {
+    let (mut features, status) = if tensors_path.is_file() && key_path.is_file() {
         let features = read_cache(&tensors_path, &key_path, &key, benchmark)?;
         tracing::info!(path = %tensors_path.display(), "loaded cached backbone features");
-        return Ok((features, CacheStatus::Hit, tensors_path));
+        (features, CacheStatus::Hit)
+    } else {
+        tracing::info!(path = %tensors_path.display(), "no feature cache found, running the backbones");
+        let features = compute(benchmark, spec)?;
+        write_cache(&tensors_path, &key_path, &key, &features)?;
+        (features, CacheStatus::Miss)
+    };
+
+    if !benchmark.two_step_texts.is_empty() {
+        let extra = load_or_compute_texts(&benchmark.two_step_texts, spec, cache_dir)?;
+        features.texts = Tensor::cat(&[&features.texts, &extra], 0);
+    }
+    Ok((features, status, tensors_path))
+}
+
+/// Inputs that determine a cache file of extra text features.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct TextCacheKey {
+    format: u32,
+    text_weights_sha256: String,
+    text_config_sha256: String,
+    tokenizer_sha256: String,
+    max_tokens: usize,
+    pooling: Pooling,
+    texts: Vec<String>,
+}
+
+/// Loads or computes the text features of `texts`, cached apart from the image features so
+/// that a new set of texts never reruns the image backbone.
+fn load_or_compute_texts(texts: &[String], spec: &FeatureSpec, cache_dir: &Path) -> Result<Tensor> {
+    let key = TextCacheKey {
+        format: CACHE_FORMAT,
+        text_weights_sha256: sha256_file(&spec.text_dir.join(TEXT_WEIGHTS_FILE))?,
+        text_config_sha256: sha256_file(&spec.text_dir.join(TEXT_CONFIG_FILE))?,
+        tokenizer_sha256: sha256_file(&spec.text_dir.join(TEXT_TOKENIZER_FILE))?,
+        max_tokens: spec.max_tokens,
+        pooling: spec.pooling,
+        texts: texts.to_vec(),
+    };
+    let key_json =
+        serde_json::to_vec(&key).map_err(|error| TrainerError::InvalidInput(error.to_string()))?;
+    let path = cache_dir.join(format!(
+        "texts-{}.safetensors",
+        &sha256_hex(&key_json)[..16]
+    ));
+    if path.is_file() {
+        let mut tensors = Tensor::read_safetensors(&path)?;
+        if let Some(position) = tensors.iter().position(|(name, _)| name == TEXTS) {
+            let tensor = tensors.swap_remove(position).1;
+            if tensor.size().first() == Some(&(texts.len() as i64)) && tensor.kind() == Kind::Float
+            {
+                tracing::info!(path = %path.display(), "loaded cached text features");
+                return Ok(tensor);
+            }
+        }
+        return Err(TrainerError::InvalidCache {
+            path,
+            reason: format!("expected a Float tensor {TEXTS} with {} rows", texts.len()),
+        });
     }
 
-    tracing::info!(path = %tensors_path.display(), "no feature cache found, running the backbones");
-    let features = compute(benchmark, spec)?;
-    write_cache(&tensors_path, &key_path, &key, &features)?;
-    Ok((features, CacheStatus::Miss, tensors_path))
+    let backbones = Backbones::load(
+        spec.architecture,
+        &spec.image_weights,
+        &spec.text_dir,
+        spec.pooling,
+        "",
+        Device::Cpu,
+    )?;
+    let features = text_features(&backbones, texts, spec)?;
+    std::fs::create_dir_all(cache_dir)
+        .map_err(|error| TrainerError::io("failed to create", cache_dir, error))?;
+    let partial = path.with_extension(format!("safetensors.partial-{}", std::process::id()));
+    Tensor::write_safetensors(&[(TEXTS, features.shallow_clone())], &partial)?;
+    std::fs::rename(&partial, &path)
+        .map_err(|error| TrainerError::io("failed to rename", &partial, error))?;
+    tracing::info!(path = %path.display(), texts = texts.len(), "wrote text feature cache");
+    Ok(features)
 }
 
 fn cache_key(benchmark: &Benchmark, spec: &FeatureSpec) -> Result<CacheKey> {

@@ -147,3 +147,69 @@ fn masked_min(values: &Tensor, mask: &Tensor) -> (Tensor, Tensor) {
         mask.any_dim(1, false),
     )
 }
+
+/// Training objective over a batch of (query, positive) pairs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Loss {
+    /// Hinge on cosine similarities with a margin, negatives chosen by [`Mining`].
+    Triplet,
+    /// Softmax cross-entropy of each query over the in-batch positives, the batch-based
+    /// classification loss of TIRG (Vo et al., "Composing Text and Image for Image
+    /// Retrieval - An Empirical Odyssey", CVPR 2019).
+    SoftTriplet,
+}
+
+impl Loss {
+    /// Name accepted on the command line and written to `metrics.json`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Loss::Triplet => "triplet",
+            Loss::SoftTriplet => "soft-triplet",
+        }
+    }
+}
+
+impl fmt::Display for Loss {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Loss {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        match name {
+            "triplet" => Ok(Loss::Triplet),
+            "soft-triplet" => Ok(Loss::SoftTriplet),
+            other => Err(format!(
+                "invalid loss {other:?}: expected \"triplet\" or \"soft-triplet\""
+            )),
+        }
+    }
+}
+
+/// Computes the mean softmax cross-entropy of each anchor over the in-batch positives.
+///
+/// Row `i` of the `[B, B]` logits is `scale * s(a_i, p_j)`, and the label of anchor `i` is
+/// column `i`. Columns `j != i` whose target equals anchor `i`'s are relevant too, so they
+/// are masked out of the softmax instead of serving as negatives. `scale` is the inverse
+/// temperature: cosine similarities lie in [-1, 1], so a scale of 1 leaves the softmax
+/// almost flat.
+pub fn soft_triplet_loss(
+    anchors: &Tensor,
+    positives: &Tensor,
+    targets: &Tensor,
+    scale: f64,
+) -> Tensor {
+    let logits = anchors.mm(&positives.tr()) * scale;
+    let batch = logits.size()[0];
+    let eye = Tensor::eye(batch, (Kind::Bool, logits.device()));
+    let other_relevant = negative_mask(targets)
+        .logical_not()
+        .logical_and(&eye.logical_not());
+    let logits = logits.masked_fill(&other_relevant, f64::NEG_INFINITY);
+    let labels = Tensor::arange(batch, (Kind::Int64, logits.device()));
+    logits.cross_entropy_for_logits(&labels)
+}

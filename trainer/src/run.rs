@@ -1,4 +1,5 @@
-//! The whole training run: benchmark, features, heads, baselines, evaluation, model directory.
+//! The whole training run: benchmark, features, heads, baselines, evaluation, model directory
+//! with metrics, tables and plots.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,13 +13,14 @@ use tch::Tensor;
 
 use crate::benchmark::{Benchmark, BenchmarkConfig};
 use crate::error::{Result, TrainerError};
-use crate::evaluate::{evaluate_test, MethodResult};
+use crate::evaluate::{evaluate_queries, MethodResult, TrainedSet};
 use crate::features::{load_or_compute, CacheStatus, FeatureSpec, Features};
 use crate::heads::Heads;
 use crate::report::{
-    markdown_tables, DataCounts, Metrics, RecordedConfig, TrainingSummary, METRICS_FILE,
+    markdown_report, save_baseline, write_evaluation_files, DataCounts, Metrics, RecordedConfig,
+    TrainingSummary, METRICS_FILE,
 };
-use crate::train::{train_heads, TrainSettings, Variant};
+use crate::train::{train_heads_with, Checkpointing, TrainSettings, Variant};
 
 /// Largest difference allowed between the in-memory heads and the reloaded model directory.
 const RELOAD_TOLERANCE: f64 = 1e-5;
@@ -38,10 +40,18 @@ pub struct RunConfig {
     pub output_dir: PathBuf,
     /// Whether an existing non-empty output directory may be replaced.
     pub overwrite: bool,
-    /// libtorch intra-op threads.
+    /// libtorch intra-op threads of the backbone feature pass.
     pub threads: usize,
+    /// libtorch intra-op threads of head training and evaluation.
+    pub train_threads: usize,
     /// Whether the quick preset filled the unset options.
     pub quick: bool,
+    /// Whether to train the TIRG baseline alongside.
+    pub train_tirg: bool,
+    /// Directory of the per-epoch checkpoints, one subdirectory per variant.
+    pub checkpoint_dir: PathBuf,
+    /// Continue each variant from its checkpoint when there is one.
+    pub resume: bool,
 }
 
 /// Results of a finished run.
@@ -49,7 +59,7 @@ pub struct RunConfig {
 pub struct RunReport {
     /// Contents written to `metrics.json`.
     pub metrics: Metrics,
-    /// Markdown tables of the test results.
+    /// Markdown tables of the test results, two-step queries included.
     pub table: String,
     /// Model directory written.
     pub output_dir: PathBuf,
@@ -99,39 +109,85 @@ pub fn run(config: &RunConfig) -> Result<RunReport> {
     let (features, cache_status, _) = stopwatch.time("features", || {
         load_or_compute(&benchmark, &config.features, &config.cache_dir)
     })?;
-    let fusion = stopwatch.time("train_fusion", || {
-        train_heads(&benchmark, &features, &config.training, Variant::Fusion)
-    })?;
-    let text_only = stopwatch.time("train_text_only", || {
-        train_heads(&benchmark, &features, &config.training, Variant::TextOnly)
-    })?;
-    let results = stopwatch.time("evaluate", || {
-        evaluate_test(&benchmark, &features, &fusion.heads, &text_only.heads)
-    })?;
-    let table = markdown_tables(&results);
-
-    let mut metrics = Metrics {
-        seed: config.benchmark.seed,
-        methods: results
+    tch::set_num_threads(config.train_threads as i32);
+    let checkpointing = |variant: Variant| Checkpointing {
+        dir: config.checkpoint_dir.join(variant.as_str()),
+        resume: config.resume,
+        stop_after_epochs: None,
+    };
+    let mut trained = Vec::new();
+    let mut variants = vec![Variant::Fusion, Variant::TextOnly];
+    if config.train_tirg {
+        variants.push(Variant::Tirg);
+    }
+    for variant in variants {
+        let stage = format!("train_{}", variant.as_str());
+        let heads = stopwatch.time(&stage, || {
+            train_heads_with(
+                &benchmark,
+                &features,
+                &config.training,
+                variant,
+                Some(&checkpointing(variant)),
+            )
+        })?;
+        trained.push((variant, heads));
+    }
+    let find = |wanted: Variant| {
+        trained
             .iter()
-            .map(|result: &MethodResult| (result.method.key().to_owned(), result.clone()))
+            .find(|(variant, _)| *variant == wanted)
+            .map(|(_, heads)| &heads.heads)
+    };
+    let (Some(fusion), Some(text_only)) = (find(Variant::Fusion), find(Variant::TextOnly)) else {
+        return Err(TrainerError::InvalidInput(
+            "the fusion and text-only heads were not trained".to_owned(),
+        ));
+    };
+    let set = TrainedSet {
+        fusion,
+        text_only,
+        tirg: find(Variant::Tirg),
+    };
+    let (results, two_step_results) = stopwatch.time("evaluate", || {
+        let single = evaluate_queries(&benchmark, &features, &benchmark.test_queries, &set)?;
+        let two_step = evaluate_queries(
+            &benchmark,
+            &features,
+            &benchmark.two_step_test_queries,
+            &set,
+        )?;
+        Ok((single, two_step))
+    })?;
+    let table = markdown_report(&results, &two_step_results);
+
+    let by_key = |results: &[MethodResult]| {
+        results
+            .iter()
+            .map(|result| (result.method.key().to_owned(), result.clone()))
+            .collect()
+    };
+    let mut metrics = Metrics {
+        seed: config.training.seed,
+        methods: by_key(&results),
+        two_step_methods: if benchmark.two_step_test_queries.is_empty() {
+            BTreeMap::new()
+        } else {
+            by_key(&two_step_results)
+        },
+        training: trained
+            .iter()
+            .map(|(variant, heads)| {
+                (
+                    variant.as_str().to_owned(),
+                    TrainingSummary {
+                        best_epoch: heads.best_epoch,
+                        stopped_early: heads.stopped_early,
+                        history: heads.history.clone(),
+                    },
+                )
+            })
             .collect(),
-        training: BTreeMap::from([
-            (
-                Variant::Fusion.as_str().to_owned(),
-                TrainingSummary {
-                    best_epoch: fusion.best_epoch,
-                    history: fusion.history,
-                },
-            ),
-            (
-                Variant::TextOnly.as_str().to_owned(),
-                TrainingSummary {
-                    best_epoch: text_only.best_epoch,
-                    history: text_only.history,
-                },
-            ),
-        ]),
         timings_seconds: BTreeMap::new(),
         feature_cache: match cache_status {
             CacheStatus::Hit => "hit",
@@ -141,17 +197,21 @@ pub fn run(config: &RunConfig) -> Result<RunReport> {
         counts: DataCounts {
             train_images: benchmark.train_pool.len(),
             train_queries: benchmark.train_queries.len(),
+            two_step_train_queries: benchmark.two_step_train_queries.len(),
             validation_queries: benchmark.validation_queries.len(),
             test_queries: benchmark.test_queries.len(),
+            two_step_test_queries: benchmark.two_step_test_queries.len(),
             catalog_images: benchmark.data.test.len(),
-            texts: benchmark.texts.len(),
+            texts: benchmark.texts.len() + benchmark.two_step_texts.len(),
         },
         config: RecordedConfig {
             benchmark: config.benchmark.clone(),
             features: config.features.clone(),
             training: config.training.clone(),
             threads: config.threads,
+            train_threads: config.train_threads,
             quick: config.quick,
+            train_tirg: config.train_tirg,
         },
     };
 
@@ -160,8 +220,21 @@ pub fn run(config: &RunConfig) -> Result<RunReport> {
     let write_started = Instant::now();
     tracing::info!(stage = "write_model", "stage started");
     let model_config = model_config(config)?;
-    let staging = write_staged_model(config, &model_config, &fusion.heads)?;
-    verify_reload(&staging, &benchmark, &features, &fusion.heads)?;
+    let staging = write_staged_model(config, &model_config, fusion)?;
+    verify_reload(&staging, &benchmark, &features, fusion)?;
+    for (variant, heads) in &trained {
+        if *variant != Variant::Fusion {
+            save_baseline(&staging, *variant, &heads.heads)?;
+        }
+    }
+    // A missing plot font must not cost the trained model, so plot errors end as a warning;
+    // metrics.json and evaluation.md still carry every figure.
+    match write_evaluation_files(&staging, &metrics, &table) {
+        Err(TrainerError::Plot(reason)) => {
+            tracing::warn!(%reason, "skipped the PNG plots");
+        }
+        other => other?,
+    }
     stopwatch.timings.insert(
         "write_model".to_owned(),
         write_started.elapsed().as_secs_f64(),
@@ -195,6 +268,7 @@ fn model_config(config: &RunConfig) -> Result<ModelConfig> {
     model_config.head.hidden_dim = config.training.head.hidden_dim;
     model_config.head.joint_dim = config.training.head.joint_dim;
     model_config.head.dropout = config.training.head.dropout;
+    model_config.head.input_norm = config.training.head.input_norm;
     model_config
         .validate()
         .map_err(|reason| TrainerError::InvalidInput(format!("model configuration: {reason}")))?;

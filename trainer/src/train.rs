@@ -1,7 +1,10 @@
-//! Triplet-loss training of the heads on cached backbone features.
+//! Training of the heads on cached backbone features: triplet or soft-triplet loss, Adam or
+//! AdamW with warm-up and cosine decay, checkpoints, resume and early stopping.
 
 use std::collections::HashMap;
 use std::f64::consts::PI;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use densebert4ret_datasets::{Colour, FashionClass, Query};
@@ -10,15 +13,16 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use tch::nn::{self, OptimizerConfig};
+use sha2::{Digest, Sha256};
 use tch::{Kind, Tensor};
 
 use crate::benchmark::Benchmark;
 use crate::error::{Result, TrainerError};
 use crate::features::Features;
-use crate::heads::Heads;
-use crate::loss::{triplet_loss, Mining};
+use crate::heads::{CompositionKind, Heads};
+use crate::loss::{soft_triplet_loss, triplet_loss, Loss, Mining};
 use crate::metrics::{best_relevant_ranks, recall_at, RankingInput};
+use crate::optim::{Optimizer, OptimizerKind};
 use crate::progress;
 
 /// Cut-off of the validation recall that selects the best epoch.
@@ -31,43 +35,81 @@ pub const VALIDATION_CUTOFF: usize = 10;
 /// Optimisation settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainSettings {
-    /// Passes over the training queries.
+    /// Maximum passes over the training queries.
     pub epochs: usize,
     /// Queries per optimiser step, which is also the pool of in-batch negatives.
     pub batch_size: usize,
-    /// Peak Adam learning rate.
+    /// Peak learning rate.
     pub learning_rate: f64,
     /// Fraction of the steps spent on the linear warm-up from 0 to the peak.
     pub warmup_fraction: f64,
     /// Learning rate at the end of the cosine decay, as a fraction of the peak.
     pub final_learning_rate_fraction: f64,
-    /// Decoupled weight decay of AdamW; 0 gives plain Adam.
+    /// Optimiser family.
+    #[serde(default = "default_optimizer")]
+    pub optimizer: OptimizerKind,
+    /// Weight decay: decoupled for AdamW, added to the gradient for Adam.
     pub weight_decay: f64,
+    /// Training objective.
+    #[serde(default = "default_loss")]
+    pub loss: Loss,
     /// Triplet margin on cosine similarities.
     pub margin: f64,
-    /// Negative selection.
+    /// Negative selection of the triplet loss.
     pub mining: Mining,
+    /// Inverse temperature of the soft-triplet softmax over cosine similarities.
+    #[serde(default = "default_soft_triplet_scale")]
+    pub soft_triplet_scale: f64,
+    /// Epochs without a better validation Recall@10 before training stops; 0 never stops early.
+    #[serde(default)]
+    pub patience: usize,
     /// Seed of the initialisation, dropout and batch order.
     pub seed: u64,
     /// Head sizes.
     pub head: HeadConfig,
 }
 
-/// Inputs of the fusion MLP.
+fn default_optimizer() -> OptimizerKind {
+    OptimizerKind::AdamW
+}
+
+fn default_loss() -> Loss {
+    Loss::Triplet
+}
+
+/// Default inverse temperature of the soft-triplet loss.
+pub const DEFAULT_SOFT_TRIPLET_SCALE: f64 = 10.0;
+
+fn default_soft_triplet_scale() -> f64 {
+    DEFAULT_SOFT_TRIPLET_SCALE
+}
+
+/// Query composition and inputs of a set of trained heads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Variant {
-    /// Reference image features and text features: DenseBert4Ret.
+    /// Reference image features and text features through the fusion MLP: DenseBert4Ret.
     Fusion,
     /// Text features only, the image features replaced by zeros.
     TextOnly,
+    /// Reference image and text features through TIRG's gated residual composition.
+    Tirg,
 }
 
 impl Variant {
-    /// Name used in logs and `metrics.json`.
+    /// Name used in logs, checkpoints and `metrics.json`.
     pub fn as_str(self) -> &'static str {
         match self {
             Variant::Fusion => "fusion",
             Variant::TextOnly => "text_only",
+            Variant::Tirg => "tirg",
+        }
+    }
+
+    /// Query composition the variant trains.
+    pub fn composition(self) -> CompositionKind {
+        match self {
+            Variant::Fusion | Variant::TextOnly => CompositionKind::Fusion,
+            Variant::Tirg => CompositionKind::Tirg,
         }
     }
 }
@@ -92,10 +134,24 @@ pub struct EpochRecord {
 pub struct TrainedHeads {
     /// Heads holding the weights of the best epoch.
     pub heads: Heads,
-    /// One record per epoch.
+    /// One record per epoch run, resumed epochs included.
     pub history: Vec<EpochRecord>,
     /// Epoch whose weights were kept.
     pub best_epoch: usize,
+    /// Whether training stopped before `epochs` because the validation recall stopped improving.
+    pub stopped_early: bool,
+}
+
+/// Where and how training saves and resumes its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpointing {
+    /// Directory of this variant's checkpoint, written after every epoch.
+    pub dir: PathBuf,
+    /// Continue from the checkpoint in `dir` when there is one.
+    pub resume: bool,
+    /// Return after this many epochs of this call, as an interrupted run would; `None` runs
+    /// to the end.
+    pub stop_after_epochs: Option<usize>,
 }
 
 /// Query rows resolved to feature-matrix rows.
@@ -135,19 +191,49 @@ pub fn learning_rate_at(settings: &TrainSettings, step: usize, total: usize) -> 
     floor + (peak - floor) * 0.5 * (1.0 + (PI * progress.min(1.0)).cos())
 }
 
-/// Trains fresh heads on the training queries and keeps the epoch with the best validation Recall@10.
+/// Trains fresh heads on the training queries and keeps the epoch with the best validation
+/// Recall@10, without checkpoints.
 pub fn train_heads(
     benchmark: &Benchmark,
     features: &Features,
     settings: &TrainSettings,
     variant: Variant,
 ) -> Result<TrainedHeads> {
-    validate(settings, benchmark)?;
-    tch::manual_seed(settings.seed as i64);
-    let mut heads = Heads::new(features.image_dim(), features.text_dim(), &settings.head);
-    let mut best = Heads::new(features.image_dim(), features.text_dim(), &settings.head);
+    train_heads_with(benchmark, features, settings, variant, None)
+}
 
-    let train = QueryRows::new(benchmark, &benchmark.train_queries)?;
+/// Trains heads, optionally saving a checkpoint after every epoch and resuming from one.
+///
+/// Each epoch reseeds libtorch and the batch order from the seed and the epoch number, and
+/// the optimiser moments are part of the checkpoint, so a resumed run reproduces the
+/// uninterrupted one exactly. Trainings in one process run one at a time, because libtorch's
+/// random generator is process-wide. Training stops early once the validation Recall@10 has not
+/// improved for `settings.patience` epochs.
+pub fn train_heads_with(
+    benchmark: &Benchmark,
+    features: &Features,
+    settings: &TrainSettings,
+    variant: Variant,
+    checkpointing: Option<&Checkpointing>,
+) -> Result<TrainedHeads> {
+    validate(settings, benchmark)?;
+    // Initialisation and dropout draw from libtorch's process-wide generator, so two
+    // trainings in one process would interleave their draws without this lock.
+    let _generator = generator_lock();
+    tch::manual_seed(settings.seed as i64);
+    let image_dim = features.image_dim();
+    let text_dim = features.text_dim();
+    let composition = variant.composition();
+    let mut heads = Heads::with_composition(composition, image_dim, text_dim, &settings.head);
+    let mut best = Heads::with_composition(composition, image_dim, text_dim, &settings.head);
+
+    let training_queries: Vec<Query> = benchmark
+        .train_queries
+        .iter()
+        .chain(&benchmark.two_step_train_queries)
+        .cloned()
+        .collect();
+    let train = QueryRows::new(benchmark, &training_queries)?;
     let validation = QueryRows::new(benchmark, &benchmark.validation_queries)?;
     let positive_rows = positive_rows_by_target(benchmark)?;
     let catalog_codes: Vec<i64> = benchmark
@@ -161,21 +247,49 @@ pub fn train_heads(
         })
         .collect::<Result<_>>()?;
 
-    let mut optimizer = nn::AdamW {
-        wd: settings.weight_decay,
-        ..Default::default()
-    }
-    .build(&heads.store, settings.learning_rate)?;
-    let mut rng = ChaCha8Rng::seed_from_u64(settings.seed);
+    let mut optimizer = Optimizer::new(&heads.store, settings.optimizer, settings.weight_decay);
     let steps_per_epoch = train.targets.len().div_ceil(settings.batch_size);
     let total_steps = steps_per_epoch * settings.epochs;
-    let mut order: Vec<usize> = (0..train.targets.len()).collect();
-    let mut history = Vec::with_capacity(settings.epochs);
-    let mut best_epoch = 0;
-    let mut best_recall = f64::NEG_INFINITY;
+    let mut state = TrainingState::default();
+    let fingerprint = run_fingerprint(settings, variant, benchmark, features)?;
+    if let Some(checkpointing) = checkpointing.filter(|checkpointing| checkpointing.resume) {
+        if let Some(loaded) = load_checkpoint(
+            &checkpointing.dir,
+            &fingerprint,
+            &heads,
+            &best,
+            &mut optimizer,
+        )? {
+            state = loaded;
+        }
+    }
+    let first_epoch = state.epoch + 1;
 
-    for epoch in 1..=settings.epochs {
+    for epoch in first_epoch..=settings.epochs {
+        if state.epochs_without_improvement >= settings.patience && settings.patience > 0 {
+            break;
+        }
+        if let Some(limit) = checkpointing.and_then(|checkpointing| checkpointing.stop_after_epochs)
+        {
+            if epoch - first_epoch >= limit {
+                heads.store.copy(&best.store)?;
+                return Ok(TrainedHeads {
+                    heads,
+                    history: state.history,
+                    best_epoch: state.best_epoch,
+                    stopped_early: false,
+                });
+            }
+        }
+
         let started = Instant::now();
+        let epoch_seed = settings
+            .seed
+            .wrapping_mul(EPOCH_SEED_STRIDE)
+            .wrapping_add(epoch as u64);
+        tch::manual_seed(epoch_seed as i64);
+        let mut rng = ChaCha8Rng::seed_from_u64(epoch_seed);
+        let mut order: Vec<usize> = (0..train.targets.len()).collect();
         order.shuffle(&mut rng);
         let bar = progress::bar(
             steps_per_epoch as u64,
@@ -187,7 +301,6 @@ pub fn train_heads(
         for (batch_number, batch) in order.chunks(settings.batch_size).enumerate() {
             let step = (epoch - 1) * steps_per_epoch + batch_number;
             learning_rate = learning_rate_at(settings, step, total_steps);
-            optimizer.set_lr(learning_rate);
 
             let mut references = Vec::with_capacity(batch.len());
             let mut texts = Vec::with_capacity(batch.len());
@@ -197,7 +310,11 @@ pub fn train_heads(
                 references.push(train.references[query]);
                 texts.push(train.texts[query]);
                 targets.push(train.targets[query]);
-                let candidates = &positive_rows[&train.targets[query]];
+                let candidates = positive_rows.get(&train.targets[query]).ok_or_else(|| {
+                    TrainerError::InvalidInput(format!(
+                        "training query {query} has a target with no training image"
+                    ))
+                })?;
                 positives.push(candidates[rng.gen_range(0..candidates.len())]);
             }
 
@@ -206,16 +323,25 @@ pub fn train_heads(
             let positive_input = features
                 .train_images
                 .index_select(0, &Tensor::from_slice(&positives));
-            let anchors = heads.fusion.forward_t(&image_input, &text_input, true);
+            let anchors = heads.compose_t(&image_input, &text_input, true);
             let positive_embeddings = heads.projection.forward_t(&positive_input, true);
-            let loss = triplet_loss(
-                &anchors,
-                &positive_embeddings,
-                &Tensor::from_slice(&targets),
-                settings.margin,
-                settings.mining,
-            );
-            optimizer.backward_step(&loss);
+            let targets = Tensor::from_slice(&targets);
+            let loss = match settings.loss {
+                Loss::Triplet => triplet_loss(
+                    &anchors,
+                    &positive_embeddings,
+                    &targets,
+                    settings.margin,
+                    settings.mining,
+                ),
+                Loss::SoftTriplet => soft_triplet_loss(
+                    &anchors,
+                    &positive_embeddings,
+                    &targets,
+                    settings.soft_triplet_scale,
+                ),
+            };
+            optimizer.backward_step(&loss, learning_rate);
 
             let loss_value = loss.double_value(&[]);
             if !loss_value.is_finite() {
@@ -246,26 +372,205 @@ pub fn train_heads(
             seconds = format!("{:.1}", record.seconds),
             "finished epoch"
         );
-        history.push(record);
-        if recall > best_recall {
-            best_recall = recall;
-            best_epoch = epoch;
+        state.history.push(record);
+        state.epoch = epoch;
+        state.steps = optimizer.steps();
+        if recall > state.best_recall.unwrap_or(f64::NEG_INFINITY) {
+            state.best_recall = Some(recall);
+            state.best_epoch = epoch;
+            state.epochs_without_improvement = 0;
             best.store.copy(&heads.store)?;
+        } else {
+            state.epochs_without_improvement += 1;
+        }
+        if let Some(checkpointing) = checkpointing {
+            save_checkpoint(
+                &checkpointing.dir,
+                &fingerprint,
+                &state,
+                &heads,
+                &best,
+                &optimizer,
+            )?;
         }
     }
 
+    let stopped_early = state.epoch < settings.epochs;
+    if stopped_early {
+        tracing::info!(
+            variant = variant.as_str(),
+            epoch = state.epoch,
+            patience = settings.patience,
+            "stopped early: the validation recall did not improve"
+        );
+    }
     heads.store.copy(&best.store)?;
     tracing::info!(
         variant = variant.as_str(),
-        best_epoch,
-        validation_recall_at_10 = best_recall,
+        best_epoch = state.best_epoch,
+        validation_recall_at_10 = state.best_recall.unwrap_or_default(),
         "kept best epoch"
     );
     Ok(TrainedHeads {
         heads,
-        history,
-        best_epoch,
+        history: state.history,
+        best_epoch: state.best_epoch,
+        stopped_early,
     })
+}
+
+/// Serialises trainings within a process; see [`train_heads_with`].
+static GENERATOR_LOCK: Mutex<()> = Mutex::new(());
+
+/// Takes the lock that trainings hold while they draw from libtorch's process-wide random
+/// generator. Code that seeds or draws from that generator (`tch::manual_seed`,
+/// `Tensor::randn`, fresh heads) in parallel with a training holds it too, so that the
+/// training stays reproducible.
+pub fn generator_lock() -> MutexGuard<'static, ()> {
+    GENERATOR_LOCK
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Multiplier that separates the per-epoch seeds of different run seeds.
+const EPOCH_SEED_STRIDE: u64 = 1_000_003;
+
+/// Progress of a training run, saved in `state.json` beside the checkpoint tensors.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct TrainingState {
+    /// Last finished epoch, 0 before the first.
+    epoch: usize,
+    /// Optimiser updates so far.
+    steps: i64,
+    best_epoch: usize,
+    best_recall: Option<f64>,
+    epochs_without_improvement: usize,
+    history: Vec<EpochRecord>,
+}
+
+/// `state.json` of a checkpoint directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct CheckpointFile {
+    fingerprint: String,
+    state: TrainingState,
+}
+
+const CHECKPOINT_STATE: &str = "state.json";
+const CHECKPOINT_TENSORS: &str = "checkpoint.safetensors";
+
+/// Digest of everything that must match for a checkpoint to be resumed.
+fn run_fingerprint(
+    settings: &TrainSettings,
+    variant: Variant,
+    benchmark: &Benchmark,
+    features: &Features,
+) -> Result<String> {
+    let described = serde_json::json!({
+        "settings": settings,
+        "variant": variant.as_str(),
+        "train_queries": benchmark.train_queries.len() + benchmark.two_step_train_queries.len(),
+        "train_images": benchmark.train_pool.len(),
+        "validation_queries": benchmark.validation_queries.len(),
+        "image_dim": features.image_dim(),
+        "text_dim": features.text_dim(),
+    });
+    let bytes = serde_json::to_vec(&described)
+        .map_err(|error| TrainerError::InvalidInput(error.to_string()))?;
+    Ok(hex::encode(Sha256::digest(&bytes)))
+}
+
+fn save_checkpoint(
+    dir: &Path,
+    fingerprint: &str,
+    state: &TrainingState,
+    heads: &Heads,
+    best: &Heads,
+    optimizer: &Optimizer,
+) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .map_err(|error| TrainerError::io("failed to create", dir, error))?;
+    let mut named: Vec<(String, Tensor)> = Vec::new();
+    for (name, tensor) in heads.store.variables() {
+        named.push((format!("w.{name}"), tensor));
+    }
+    for (name, tensor) in best.store.variables() {
+        named.push((format!("best.{name}"), tensor));
+    }
+    named.extend(optimizer.state_tensors());
+
+    // Tensors first, then the state that points at them, each through a rename, so a
+    // crash leaves either the previous checkpoint or the new one.
+    let tensors_path = dir.join(CHECKPOINT_TENSORS);
+    let partial = dir.join(format!("{CHECKPOINT_TENSORS}.partial"));
+    Tensor::write_safetensors(&named, &partial)?;
+    std::fs::rename(&partial, &tensors_path)
+        .map_err(|error| TrainerError::io("failed to rename", &partial, error))?;
+    let state_path = dir.join(CHECKPOINT_STATE);
+    let partial_state = dir.join(format!("{CHECKPOINT_STATE}.partial"));
+    let json = serde_json::to_vec_pretty(&CheckpointFile {
+        fingerprint: fingerprint.to_owned(),
+        state: state.clone(),
+    })
+    .map_err(|error| TrainerError::InvalidInput(error.to_string()))?;
+    std::fs::write(&partial_state, json)
+        .map_err(|error| TrainerError::io("failed to write", &partial_state, error))?;
+    std::fs::rename(&partial_state, &state_path)
+        .map_err(|error| TrainerError::io("failed to rename", &partial_state, error))?;
+    tracing::debug!(dir = %dir.display(), epoch = state.epoch, "saved checkpoint");
+    Ok(())
+}
+
+/// Loads the checkpoint in `dir` into the heads and optimiser, or returns `None` when the
+/// directory holds none.
+fn load_checkpoint(
+    dir: &Path,
+    fingerprint: &str,
+    heads: &Heads,
+    best: &Heads,
+    optimizer: &mut Optimizer,
+) -> Result<Option<TrainingState>> {
+    let state_path = dir.join(CHECKPOINT_STATE);
+    if !state_path.is_file() {
+        tracing::info!(dir = %dir.display(), "no checkpoint to resume, starting from scratch");
+        return Ok(None);
+    }
+    let bytes = std::fs::read(&state_path)
+        .map_err(|error| TrainerError::io("failed to read", &state_path, error))?;
+    let file: CheckpointFile = serde_json::from_slice(&bytes).map_err(|error| {
+        TrainerError::InvalidInput(format!(
+            "checkpoint state {} is not valid: {error}",
+            state_path.display()
+        ))
+    })?;
+    if file.fingerprint != fingerprint {
+        return Err(TrainerError::InvalidInput(format!(
+            "the checkpoint in {} was written with other settings or data; rerun with the same \
+             options, or delete the directory to start over",
+            dir.display()
+        )));
+    }
+
+    let tensors_path = dir.join(CHECKPOINT_TENSORS);
+    let tensors = Tensor::read_safetensors(&tensors_path)?;
+    let lookup: HashMap<&str, &Tensor> = tensors
+        .iter()
+        .map(|(name, tensor)| (name.as_str(), tensor))
+        .collect();
+    for (prefix, store) in [("w", &heads.store), ("best", &best.store)] {
+        for (name, mut variable) in store.variables() {
+            let key = format!("{prefix}.{name}");
+            let stored = lookup.get(key.as_str()).ok_or_else(|| {
+                TrainerError::InvalidInput(format!(
+                    "checkpoint {} has no tensor {key}; delete the directory to start over",
+                    tensors_path.display()
+                ))
+            })?;
+            tch::no_grad(|| variable.f_copy_(stored))?;
+        }
+    }
+    optimizer.load_state(&tensors, file.state.steps)?;
+    tracing::info!(dir = %dir.display(), epoch = file.state.epoch, "resumed from checkpoint");
+    Ok(Some(file.state))
 }
 
 fn validate(settings: &TrainSettings, benchmark: &Benchmark) -> Result<()> {
@@ -295,6 +600,18 @@ fn validate(settings: &TrainSettings, benchmark: &Benchmark) -> Result<()> {
         return invalid(format!(
             "--margin is {}, expected 0 < margin <= 2 for cosine similarities",
             settings.margin
+        ));
+    }
+    if !(settings.soft_triplet_scale > 0.0 && settings.soft_triplet_scale.is_finite()) {
+        return invalid(format!(
+            "--soft-triplet-scale is {}, expected a positive number",
+            settings.soft_triplet_scale
+        ));
+    }
+    if !(settings.weight_decay >= 0.0 && settings.weight_decay.is_finite()) {
+        return invalid(format!(
+            "--weight-decay is {}, expected a number >= 0",
+            settings.weight_decay
         ));
     }
     if benchmark.train_queries.is_empty() {
@@ -331,13 +648,13 @@ fn positive_rows_by_target(benchmark: &Benchmark) -> Result<HashMap<i64, Vec<i64
 
 /// Image input of the fusion MLP: the reference features, or zeros for the text-only variant.
 ///
-/// NOTE: the features go in unscaled, as the model crate's inference feeds them.
-/// EfficientNet-Lite0 features at 96 pixels have an L2 norm of about 60 and
-/// MiniLM text features about 6, so the first fusion layer starts out
-/// dominated by the image.
+/// The features go in unscaled, as the model crate's inference feeds them; the heads'
+/// input normalisation (`HeadConfig::input_norm`) evens out their scales.
 fn reference_features(image_features: &Tensor, rows: &[i64], variant: Variant) -> Tensor {
     match variant {
-        Variant::Fusion => image_features.index_select(0, &Tensor::from_slice(rows)),
+        Variant::Fusion | Variant::Tirg => {
+            image_features.index_select(0, &Tensor::from_slice(rows))
+        }
         Variant::TextOnly => Tensor::zeros(
             [rows.len() as i64, image_features.size()[1]],
             (Kind::Float, image_features.device()),

@@ -10,12 +10,15 @@ use std::collections::HashMap;
 use densebert4ret_datasets::{
     colour_of, default_data_dir, Colour, FashionClass, QueryKind, SplitData,
 };
-use densebert4ret_model::HeadConfig;
+use densebert4ret_model::{HeadConfig, InputNorm};
 use densebert4ret_trainer::benchmark::{Benchmark, BenchmarkConfig};
 use densebert4ret_trainer::evaluate::{evaluate_test, Method};
 use densebert4ret_trainer::features::Features;
-use densebert4ret_trainer::loss::Mining;
-use densebert4ret_trainer::train::{learning_rate_at, train_heads, TrainSettings, Variant};
+use densebert4ret_trainer::loss::{Loss, Mining};
+use densebert4ret_trainer::optim::OptimizerKind;
+use densebert4ret_trainer::train::{
+    generator_lock, learning_rate_at, train_heads, TrainSettings, Variant,
+};
 use tch::{Kind, Tensor};
 
 const CLASSES: i64 = FashionClass::ALL.len() as i64;
@@ -30,6 +33,8 @@ fn benchmark() -> Benchmark {
         validation_queries: 300,
         test_queries: 300,
         seed: 5,
+        two_step_train_queries: 0,
+        two_step_test_queries: 0,
     })
     .expect("Fashion-MNIST files under DB4R_FASHION_MNIST_DIR or /usr/share/datasets/fashion-mnist")
 }
@@ -51,6 +56,9 @@ fn image_codes(data: &SplitData, indices: &[usize]) -> Tensor {
 }
 
 fn synthetic_features(benchmark: &Benchmark) -> Features {
+    // The noise comes from libtorch's process-wide generator, which trainings in parallel
+    // tests also draw from.
+    let _generator = generator_lock();
     tch::manual_seed(3);
     let test_indices: Vec<usize> = (0..benchmark.data.test.len()).collect();
 
@@ -89,15 +97,20 @@ fn settings(epochs: usize) -> TrainSettings {
         learning_rate: 3e-3,
         warmup_fraction: 0.05,
         final_learning_rate_fraction: 0.01,
+        optimizer: OptimizerKind::AdamW,
         weight_decay: 0.0,
+        loss: Loss::Triplet,
         margin: 0.2,
         mining: Mining::All,
+        soft_triplet_scale: 10.0,
+        patience: 0,
         seed: 11,
         head: HeadConfig {
             weights: "head.safetensors".into(),
             hidden_dim: 64,
             joint_dim: 32,
             dropout: 0.0,
+            input_norm: InputNorm::LayerNorm,
         },
     }
 }
