@@ -21,8 +21,13 @@ pub struct ClusterArgs {
     /// Number of index shards.
     #[arg(long, default_value_t = 2)]
     shards: u16,
+    /// index-svc processes per shard, each with its own data directory.
+    /// Searches read one replica of each shard; writes go to all of them.
+    #[arg(long, default_value_t = 1)]
+    replicas: u16,
     /// Gateway address; the encoder and the shards take the ports after it
-    /// (gateway port + 1 for the encoder, + 10, + 11, ... for the shards).
+    /// (gateway port + 1 for the encoder, + 10, + 11, ... for the shard
+    /// replicas, shard 0 first).
     #[arg(long, default_value = "127.0.0.1:50051")]
     gateway: String,
     /// Directory for shard data and service logs.
@@ -56,6 +61,15 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
     if args.shards == 0 {
         anyhow::bail!("--shards must be at least 1");
     }
+    if args.replicas == 0 {
+        anyhow::bail!("--replicas must be at least 1");
+    }
+    let replica_ports = u32::from(args.shards) * u32::from(args.replicas);
+    if u32::from(gateway_port) + 10 + replica_ports > u32::from(u16::MAX) {
+        anyhow::bail!(
+            "--gateway port {gateway_port} leaves no room for {replica_ports} shard replica ports after it; use a lower port"
+        );
+    }
     if !args.model_dir.join("config.json").exists() {
         anyhow::bail!(
             "no model at {}; run scripts/setup.sh (it trains one) or pass --model-dir",
@@ -67,8 +81,14 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
     let bin_dir = std::env::current_exe()?.parent().map(Path::to_path_buf).context("no executable directory")?;
 
     let encoder_address = format!("{host}:{}", gateway_port + 1);
-    let shard_addresses: Vec<String> =
-        (0..args.shards).map(|shard| format!("{host}:{}", gateway_port + 10 + shard)).collect();
+    // shard_addresses[shard][replica]
+    let shard_addresses: Vec<Vec<String>> = (0..args.shards)
+        .map(|shard| {
+            (0..args.replicas)
+                .map(|replica| format!("{host}:{}", gateway_port + 10 + shard * args.replicas + replica))
+                .collect()
+        })
+        .collect();
 
     let mut services = Vec::new();
     let started = start_all(&args, &bin_dir, &logs, &encoder_address, &shard_addresses, &mut services).await;
@@ -76,7 +96,8 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
         stop_all(&mut services).await;
         return Err(error);
     }
-    eprintln!("cluster serving: gateway {}, encoder {encoder_address}, shards {}", args.gateway, shard_addresses.join(", "));
+    let shard_list: Vec<String> = shard_addresses.iter().map(|replicas| replicas.join("|")).collect();
+    eprintln!("cluster serving: gateway {}, encoder {encoder_address}, shards {}", args.gateway, shard_list.join(", "));
     eprintln!("service logs: {}", logs.display());
 
     if args.catalog_size > 0 {
@@ -101,7 +122,7 @@ async fn start_all(
     bin_dir: &Path,
     logs: &Path,
     encoder_address: &str,
-    shard_addresses: &[String],
+    shard_addresses: &[Vec<String>],
     services: &mut Vec<Service>,
 ) -> anyhow::Result<()> {
     let encoder_env = vec![
@@ -111,16 +132,27 @@ async fn start_all(
     ];
     services.push(spawn(bin_dir, "encoder-svc", "encoder-svc", encoder_env, logs)?);
 
-    for (shard, address) in shard_addresses.iter().enumerate() {
-        let env = vec![
-            ("INDEX__LISTEN".to_string(), address.clone()),
-            ("INDEX__SHARD_ID".to_string(), shard.to_string()),
-            ("INDEX__DATA_DIR".to_string(), args.data_dir.join(format!("shard-{shard}")).display().to_string()),
-        ];
-        services.push(spawn(bin_dir, "index-svc", &format!("index-svc-{shard}"), env, logs)?);
+    for (shard, replicas) in shard_addresses.iter().enumerate() {
+        for (replica, address) in replicas.iter().enumerate() {
+            // Replica 0 keeps the directory of a cluster without replicas.
+            let (directory, name) = if replica == 0 {
+                (format!("shard-{shard}"), format!("index-svc-{shard}"))
+            } else {
+                (format!("shard-{shard}-replica-{replica}"), format!("index-svc-{shard}-replica-{replica}"))
+            };
+            let env = vec![
+                ("INDEX__LISTEN".to_string(), address.clone()),
+                ("INDEX__SHARD_ID".to_string(), shard.to_string()),
+                ("INDEX__DATA_DIR".to_string(), args.data_dir.join(directory).display().to_string()),
+            ];
+            services.push(spawn(bin_dir, "index-svc", &name, env, logs)?);
+        }
     }
 
-    let shard_urls: Vec<String> = shard_addresses.iter().map(|address| format!("http://{address}")).collect();
+    let shard_urls: Vec<String> = shard_addresses
+        .iter()
+        .map(|replicas| replicas.iter().map(|address| format!("http://{address}")).collect::<Vec<_>>().join("|"))
+        .collect();
     let gateway_env = vec![
         ("GATEWAY__LISTEN".to_string(), args.gateway.clone()),
         ("GATEWAY__ENCODER".to_string(), format!("http://{encoder_address}")),
@@ -129,7 +161,7 @@ async fn start_all(
     services.push(spawn(bin_dir, "gateway", "gateway", gateway_env, logs)?);
 
     let timeout = Duration::from_secs(args.start_timeout);
-    for address in shard_addresses {
+    for address in shard_addresses.iter().flatten() {
         wait_until_serving(address, "densebert4ret.v1.Index", timeout).await?;
     }
     wait_until_serving(&args.gateway, "densebert4ret.v1.Gateway", timeout).await?;
@@ -160,14 +192,26 @@ fn spawn(bin_dir: &Path, binary: &str, name: &str, env: Vec<(String, String)>, l
 async fn ingest_catalog(args: &ClusterArgs) -> anyhow::Result<()> {
     let mut gateway = connect_gateway(&args.gateway).await?;
     let stats = gateway.stats(StatsRequest {}).await?.into_inner();
-    if !args.reingest && stats.total_vectors as usize >= args.catalog_size {
-        eprintln!(
-            "the shards already hold {} vectors; skipping ingest (pass --reingest to ingest again)",
-            stats.total_vectors
-        );
+    // A replica that missed writes (for example one added later) stores
+    // fewer items than the other replicas of its shard, so count each shard
+    // by its emptiest replica.
+    let complete: u64 = stats
+        .shards
+        .iter()
+        .map(|shard| shard.replicas.iter().map(|replica| replica.vector_count).min().unwrap_or(0))
+        .sum();
+    if !args.reingest && complete as usize >= args.catalog_size {
+        eprintln!("every replica already stores its part of {complete} vectors; skipping ingest (pass --reingest to ingest again)");
         return Ok(());
     }
-    let summary = ingest::run(IngestArgs { gateway: args.gateway.clone(), limit: args.catalog_size, batch: 256 }).await?;
+    // Without --reingest, items every replica stores already are skipped.
+    let summary = ingest::run(IngestArgs {
+        gateway: args.gateway.clone(),
+        limit: args.catalog_size,
+        batch: 256,
+        resume: !args.reingest,
+    })
+    .await?;
     if summary.failed > 0 {
         anyhow::bail!("{} of {} catalog items failed to ingest; see the messages above", summary.failed, summary.total);
     }

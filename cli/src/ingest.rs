@@ -20,6 +20,11 @@ pub struct IngestArgs {
     /// Items per Upsert stream; progress advances per stream.
     #[arg(long, default_value_t = 256)]
     pub batch: usize,
+    /// Skip items whose id every replica of the owning shard already
+    /// stores, without encoding them, so that an interrupted ingest can be
+    /// run again from the start.
+    #[arg(long)]
+    pub resume: bool,
 }
 
 /// Counts of one ingest run.
@@ -39,6 +44,7 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<IngestSummary> {
             .context("invalid progress template")?,
     );
     let mut failed = 0usize;
+    let mut skipped = 0usize;
     let batch = args.batch.max(1);
     for start in (0..total).step_by(batch) {
         let end = (start + batch).min(total);
@@ -46,7 +52,12 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<IngestSummary> {
         for index in start..end {
             let item = CatalogItem::new(&data, index)?;
             let image = png_bytes(&tinted_image(&data, index)?)?;
-            items.push(UpsertRequest { id: item.id.clone(), image, metadata: item.metadata().into_iter().collect() });
+            items.push(UpsertRequest {
+                id: item.id.clone(),
+                image,
+                metadata: item.metadata().into_iter().collect(),
+                skip_existing: args.resume,
+            });
         }
 
         let response = gateway.upsert(tokio_stream::iter(items)).await?.into_inner();
@@ -54,10 +65,15 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<IngestSummary> {
             progress.println(format!("failed to ingest {}: {}", result.id, result.error));
         }
         failed += response.failed as usize;
+        skipped += response.skipped as usize;
         progress.inc((end - start) as u64);
     }
     progress.finish();
-    eprintln!("ingested {} of {total} images ({failed} failed)", total - failed);
+    if args.resume {
+        eprintln!("ingested {} of {total} images ({skipped} already stored and skipped, {failed} failed)", total - failed - skipped);
+    } else {
+        eprintln!("ingested {} of {total} images ({failed} failed)", total - failed);
+    }
     Ok(IngestSummary { total, failed })
 }
 

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use densebert4ret_proto::v1::{search_request, DeleteRequest, SearchRequest, StatsRequest};
+use densebert4ret_proto::v1::{search_request, DeleteRequest, SearchParams, SearchRequest, StatsRequest};
 
 use crate::client::{connect_gateway, DEFAULT_GATEWAY};
 
@@ -25,6 +25,22 @@ pub struct SearchArgs {
     /// Number of results.
     #[arg(short, long, default_value_t = 10)]
     k: u32,
+    /// Whether the gateway may return the results of the shards that
+    /// responded when others failed; unset takes the gateway's setting.
+    #[arg(long)]
+    allow_partial: Option<bool>,
+    /// Inverted lists each shard visits (IVF indexes); 0 takes the shard's
+    /// default.
+    #[arg(long, default_value_t = 0)]
+    nprobe: u32,
+    /// Candidate list size of each shard (HNSW indexes); 0 takes the shard's
+    /// default.
+    #[arg(long, default_value_t = 0)]
+    ef_search: u32,
+    /// Deadline of the search in milliseconds, sent as grpc-timeout; 0 sends
+    /// none.
+    #[arg(long, default_value_t = 0)]
+    timeout_ms: u64,
     #[arg(long, default_value = DEFAULT_GATEWAY)]
     gateway: String,
 }
@@ -38,8 +54,21 @@ pub async fn run(args: SearchArgs) -> anyhow::Result<()> {
         (None, None) => anyhow::bail!("pass --image FILE or --id CATALOG_ID"),
     };
     let mut gateway = connect_gateway(&args.gateway).await?;
+    let params = (args.nprobe > 0 || args.ef_search > 0)
+        .then_some(SearchParams { nprobe: args.nprobe, ef_search: args.ef_search });
+    let mut request = tonic::Request::new(SearchRequest {
+        reference: Some(reference),
+        text: args.text,
+        k: args.k,
+        more_texts: args.then,
+        allow_partial: args.allow_partial,
+        params,
+    });
+    if args.timeout_ms > 0 {
+        request.set_timeout(std::time::Duration::from_millis(args.timeout_ms));
+    }
     let response = gateway
-        .search(SearchRequest { reference: Some(reference), text: args.text, k: args.k, more_texts: args.then })
+        .search(request)
         .await
         .map_err(|status| anyhow::anyhow!("search failed ({:?}): {}", status.code(), status.message()))?
         .into_inner();
@@ -49,6 +78,12 @@ pub async fn run(args: SearchArgs) -> anyhow::Result<()> {
         let mut metadata: Vec<String> = item.metadata.iter().map(|(key, value)| format!("{key}={value}")).collect();
         metadata.sort();
         println!("{:>4}  {:<22} {:>7.4}  {:>5}  {}", rank + 1, item.id, item.score, item.shard, metadata.join(" "));
+    }
+    if response.partial {
+        println!("PARTIAL: these results leave out {} shard(s):", response.missing_shards.len());
+        for missing in &response.missing_shards {
+            println!("  shard {} missing: {}: {}", missing.shard_id, missing.code, missing.message);
+        }
     }
     if let Some(timing) = response.encode_timing {
         println!(
@@ -75,6 +110,12 @@ pub async fn delete(gateway: &str, ids: Vec<String>) -> anyhow::Result<()> {
     if !response.not_found.is_empty() {
         println!("not found: {}", response.not_found.join(", "));
     }
+    for failure in &response.failed {
+        println!("not deleted on every replica: {} (shard {}): {}", failure.id, failure.shard, failure.error);
+    }
+    if !response.failed.is_empty() {
+        anyhow::bail!("{} ids may still be stored on some replicas; send the delete again", response.failed.len());
+    }
     Ok(())
 }
 
@@ -95,6 +136,15 @@ pub async fn stats(gateway: &str) -> anyhow::Result<()> {
                 shard.shard_id, shard.endpoint, index.vector_count, index.index_type, index.memory_bytes
             ),
             None => println!("shard {} {}: unreachable ({})", shard.shard_id, shard.endpoint, shard.error),
+        }
+        if shard.replicas.len() > 1 {
+            for replica in &shard.replicas {
+                if replica.reachable {
+                    println!("  replica {}: {} vectors", replica.endpoint, replica.vector_count);
+                } else {
+                    println!("  replica {}: unreachable ({})", replica.endpoint, replica.error);
+                }
+            }
         }
     }
     Ok(())

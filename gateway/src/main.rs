@@ -22,8 +22,10 @@ async fn main() -> anyhow::Result<()> {
     init_tracing("gateway");
     let args = Args::parse();
     let settings: GatewaySettings = load_settings(args.config.as_deref(), "GATEWAY")?;
+    settings.validate().map_err(|message| anyhow::anyhow!("invalid gateway configuration: {message}"))?;
     let cluster = Cluster::connect(&settings)?;
-    tracing::info!(encoder = %settings.encoder, shards = ?settings.shards, "backends configured");
+    let shards: Vec<String> = settings.shards.iter().map(ToString::to_string).collect();
+    tracing::info!(encoder = %settings.encoder, ?shards, "backends configured");
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     // Both reflection versions: grpcurl releases before 1.9 only speak v1alpha.

@@ -21,6 +21,7 @@ async fn ingest(gateway: &mut GatewayClient<Channel>, data: &SplitData, items: &
             id: item.id.clone(),
             image: png_bytes(&tinted_image(data, item.index).unwrap()).unwrap(),
             metadata: item.metadata().into_iter().collect(),
+            skip_existing: false,
         })
         .collect();
     let response = gateway.upsert(tokio_stream::iter(requests)).await.expect("upsert stream").into_inner();
@@ -31,7 +32,7 @@ async fn ingest(gateway: &mut GatewayClient<Channel>, data: &SplitData, items: &
 }
 
 fn search(reference: search_request::Reference, text: &str, k: u32) -> SearchRequest {
-    SearchRequest { reference: Some(reference), text: text.into(), k, more_texts: Vec::new() }
+    SearchRequest { reference: Some(reference), text: text.into(), k, ..Default::default() }
 }
 
 fn attributes(response: &SearchResponse) -> Vec<(String, String)> {
@@ -134,7 +135,7 @@ async fn bad_input_gets_clear_statuses() {
         ("k zero", search(search_request::Reference::Image(image.clone()), "in blue", 0), Code::InvalidArgument, "k = 0"),
         ("k above maximum", search(search_request::Reference::Image(image.clone()), "in blue", 100_000), Code::InvalidArgument, "k = 100000"),
         ("unknown catalog id", search(search_request::Reference::CatalogId("fmnist-test-99999".into()), "in blue", 5), Code::NotFound, "fmnist-test-99999"),
-        ("missing reference", SearchRequest { reference: None, text: "in blue".into(), k: 5, more_texts: vec![] }, Code::InvalidArgument, "no reference"),
+        ("missing reference", SearchRequest { reference: None, text: "in blue".into(), k: 5, ..Default::default() }, Code::InvalidArgument, "no reference"),
     ];
     for (name, request, code, mention) in cases {
         let status = gateway.search(request).await.expect_err(name);
@@ -144,15 +145,15 @@ async fn bad_input_gets_clear_statuses() {
 
     // A bad item in an ingest stream fails alone; the others are stored.
     let stream = vec![
-        UpsertRequest { id: "good-1".into(), image: image.clone(), metadata: Default::default() },
-        UpsertRequest { id: "broken".into(), image: vec![0x89, b'P', b'N', b'G', 0, 1, 2], metadata: Default::default() },
-        UpsertRequest { id: String::new(), image: image.clone(), metadata: Default::default() },
-        UpsertRequest { id: "good-2".into(), image, metadata: BTreeMap::from([("k".to_string(), "v".to_string())]).into_iter().collect() },
+        UpsertRequest { id: "good-1".into(), image: image.clone(), metadata: Default::default(), skip_existing: false },
+        UpsertRequest { id: "broken".into(), image: vec![0x89, b'P', b'N', b'G', 0, 1, 2], metadata: Default::default(), skip_existing: false },
+        UpsertRequest { id: String::new(), image: image.clone(), metadata: Default::default(), skip_existing: false },
+        UpsertRequest { id: "good-2".into(), image, metadata: BTreeMap::from([("k".to_string(), "v".to_string())]).into_iter().collect(), skip_existing: false },
     ];
     let response = gateway.upsert(tokio_stream::iter(stream)).await.unwrap().into_inner();
     let ok: Vec<bool> = response.results.iter().map(|result| result.ok).collect();
     assert_eq!(ok, [true, false, false, true]);
-    assert!(response.results[1].error.contains("invalid image"), "{}", response.results[1].error);
+    assert!(response.results[1].error.contains("image"), "the error names the image: {}", response.results[1].error);
     assert!(response.results[2].error.contains("empty"), "{}", response.results[2].error);
     let stats = gateway.stats(StatsRequest {}).await.unwrap().into_inner();
     assert_eq!(stats.total_vectors, 52, "nothing stored was lost and the two good items were added");
