@@ -2,8 +2,10 @@
 
 Usage: aggregate_seeds.py MODEL_DIR [MODEL_DIR ...]
 
-Each MODEL_DIR holds the metrics.json of one densebert4ret-train run. The standard deviation
-is the sample standard deviation (n - 1 in the denominator).
+Each MODEL_DIR contains the metrics.json of one densebert4ret-train run, all on the same dataset.
+The cut-offs and query kinds come from the metrics files, so every dataset's protocol is
+reported as recorded. The standard deviation is the sample standard deviation (n - 1 in the
+denominator).
 """
 
 import json
@@ -11,7 +13,7 @@ import statistics
 import sys
 from pathlib import Path
 
-CUTOFFS = ["R@1", "R@5", "R@10", "R@50"]
+KIND_ORDER = ["colour", "class", "shape", "both"]
 ORDER = ["fusion", "tirg", "late_fusion", "text_only", "image_only"]
 TITLES = {
     "fusion": "DenseBert4Ret (fusion MLP)",
@@ -28,15 +30,29 @@ def cell(values):
     return f"{mean:.1f} ± {spread:.1f}"
 
 
-def table(runs, field, title, kind=None):
-    print(f"| {title} | " + " | ".join(CUTOFFS) + " |")
-    print("|---|" + "---:|" * len(CUTOFFS))
+def cutoffs_of(results):
+    """Recall keys of the first method of the first run, ordered by K."""
+    first = next(iter(results[0].values()))
+    return sorted(first["recalls"], key=lambda key: int(key.removeprefix("R@")))
+
+
+def kinds_of(runs):
+    kinds = {kind for run in runs for result in run["methods"].values() for kind in result["per_kind"]}
+    order = lambda kind: (KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER), kind)
+    return sorted(kinds, key=order)
+
+
+def table(by_run, title, kind=None):
+    """Prints one table; by_run contains each run's results keyed by method."""
+    cutoffs = cutoffs_of(by_run)
+    print(f"| {title} | " + " | ".join(cutoffs) + " |")
+    print("|---|" + "---:|" * len(cutoffs))
     for method in ORDER:
-        results = [run[field].get(method) for run in runs]
+        results = [methods.get(method) for methods in by_run]
         if any(result is None for result in results):
             continue
         recalls = [result["per_kind"][kind] if kind else result["recalls"] for result in results]
-        cells = [cell([recall[k] for recall in recalls]) for k in CUTOFFS]
+        cells = [cell([recall[k] for recall in recalls]) for k in cutoffs]
         print(f"| {TITLES[method]} | " + " | ".join(cells) + " |")
     print()
 
@@ -45,16 +61,24 @@ def main():
     runs = [json.loads((Path(d) / "metrics.json").read_text()) for d in sys.argv[1:]]
     if not runs:
         sys.exit("usage: aggregate_seeds.py MODEL_DIR [MODEL_DIR ...]")
-    print(f"Seeds: {', '.join(str(run['seed']) for run in runs)}\n")
-    table(runs, "methods", "Single-step queries")
-    for kind in ["colour", "class", "both"]:
-        table(runs, "methods", f"Single-step, {kind} only", kind)
+    datasets = {run["config"]["benchmark"].get("dataset", {}).get("dataset", "fmnist-colours") for run in runs}
+    if len(datasets) > 1:
+        sys.exit(f"the runs are on different datasets: {sorted(datasets)}")
+    print(f"Dataset: {datasets.pop()}; seeds: {', '.join(str(run['seed']) for run in runs)}\n")
+    single = [run["methods"] for run in runs]
+    table(single, "Single-step queries")
+    for kind in kinds_of(runs):
+        table(single, f"Single-step, {kind} only", kind)
+    if all(run.get("per_set_methods") for run in runs):
+        for name in sorted(runs[0]["per_set_methods"]):
+            table([run["per_set_methods"][name] for run in runs], f"Test set {name}")
     if all(run.get("two_step_methods") for run in runs):
-        table(runs, "two_step_methods", "Two-step queries")
-    for stage in ["train_fusion", "train_tirg", "train_text_only", "evaluate", "total"]:
+        table([run["two_step_methods"] for run in runs], "Two-step queries")
+    for stage in ["features", "train_fusion", "train_tirg", "train_text_only", "evaluate", "total"]:
         times = [run["timings_seconds"].get(stage) for run in runs]
         if all(time is not None for time in times):
-            print(f"- {stage}: {statistics.fmean(times):.0f} s mean over {len(times)} runs")
+            per_seed = ", ".join(f"{time:.0f}" for time in times)
+            print(f"- {stage}: {statistics.fmean(times):.0f} s mean over {len(times)} runs ({per_seed} s per seed)")
     for variant in ["fusion", "tirg", "text_only"]:
         epochs = [run["training"][variant]["best_epoch"] for run in runs if variant in run["training"]]
         if epochs:

@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
-# Trains every method of the Fashion-MNIST colours benchmark once per training seed, with the
-# data seed fixed so that all runs share one feature cache, then prints mean and standard
-# deviation tables with aggregate_seeds.py.
+# Trains every method of one dataset (Fashion-MNIST colours unless --dataset names another)
+# once per training seed, with the data seed fixed so that all runs share one feature cache,
+# then prints mean and standard deviation tables with aggregate_seeds.py.
 #
-# Usage: trainer/scripts/seed_sweep.sh OUT_DIR [SEED ...] [-- EXTRA TRAINER OPTIONS]
-# Example: trainer/scripts/seed_sweep.sh artifacts/benchmarks/fmnist-colours 1 2 3
+# Usage: trainer/scripts/seed_sweep.sh [--dataset SPEC] OUT_DIR [SEED ...] [-- EXTRA TRAINER OPTIONS]
+# Examples: trainer/scripts/seed_sweep.sh artifacts/benchmarks/fmnist-colours 1 2 3
+#           trainer/scripts/seed_sweep.sh --dataset easyvqa-shapes artifacts/benchmarks/easyvqa-shapes 1 2 3
 set -euo pipefail
 
+USAGE="usage: seed_sweep.sh [--dataset SPEC] OUT_DIR [SEED ...] [-- EXTRA TRAINER OPTIONS]"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-OUT="${1:?usage: seed_sweep.sh OUT_DIR [SEED ...] [-- EXTRA TRAINER OPTIONS]}"
+DATASET=fmnist-colours
+if [ "${1:-}" = "--dataset" ]; then
+    DATASET="${2:?$USAGE}"
+    shift 2
+fi
+OUT="${1:?$USAGE}"
 shift
 SEEDS=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do
@@ -26,7 +33,7 @@ mkdir -p "$OUT"
 for seed in "${SEEDS[@]}"; do
     printf '==> seed %s\n' "$seed"
     started=$(date +%s)
-    "$TRAIN" --seed "$seed" --out "$OUT/seed-$seed" --checkpoint-dir "$OUT/checkpoints/seed-$seed" --force "$@" \
+    "$TRAIN" --dataset "$DATASET" --seed "$seed" --out "$OUT/seed-$seed" --checkpoint-dir "$OUT/checkpoints/seed-$seed" --force "$@" \
         >"$OUT/seed-$seed.log" 2>&1
     printf 'seed %s finished in %s s\n' "$seed" "$(( $(date +%s) - started ))"
 done

@@ -1,197 +1,153 @@
-//! The training and evaluation data of one run: a seeded subset of the
-//! Fashion-MNIST train split with train-phrasing queries, and the test split
-//! as the catalog with test-phrasing queries, plus two-step queries over both.
+//! The training and evaluation data of one run, in one form for every dataset.
+//!
+//! Fashion-MNIST colours keeps its own construction: a seeded subset of the
+//! train split with train-phrasing queries, held-out validation queries from
+//! the same draw, and the test split as the catalog of the test and two-step
+//! queries. Every other dataset comes from the datasets crate's
+//! [`RetrievalBenchmark`]: its training set, with the last
+//! `validation_queries` training queries held out, and its test query sets.
+//! Both end up as catalogs of [`BenchmarkItem`]s and queries that point at
+//! catalog rows, which is all that feature caching, training and evaluation read.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use densebert4ret_datasets::{
-    default_test_queries, default_two_step_test_queries, generate_queries,
-    generate_two_step_queries, sample_indices, AttributeIndex, FashionMnist, Phrasing, Query,
-    QueryConfig, DEFAULT_TEST_QUERY_COUNT, DEFAULT_TEST_QUERY_SEED,
-    DEFAULT_TWO_STEP_TEST_QUERY_COUNT, DEFAULT_TWO_STEP_TEST_QUERY_SEED,
+    attribute_code, colour_of, default_test_queries, default_two_step_test_queries,
+    generate_queries, generate_two_step_queries, sample_indices, BenchmarkItem, DatasetSpec,
+    FashionMnist, ImageLoader, ImageSource, LoadOptions, Phrasing, Protocol, Query, QueryConfig,
+    QuerySet, RetrievalBenchmark, Split, SplitData, DEFAULT_TEST_QUERY_COUNT,
+    DEFAULT_TEST_QUERY_SEED, DEFAULT_TWO_STEP_TEST_QUERY_COUNT, DEFAULT_TWO_STEP_TEST_QUERY_SEED,
 };
 use densebert4ret_model::join_modifications;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainerError};
 
-/// Sizes and seed of the benchmark.
+/// Name of the two-step test query set of the offline benchmarks.
+pub const TWO_STEP_SET: &str = "two-step";
+
+fn default_dataset() -> DatasetSpec {
+    DatasetSpec::FmnistColours { dir: None }
+}
+
+/// Dataset, sizes and seed of the benchmark.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BenchmarkConfig {
-    /// Directory with the Fashion-MNIST `.gz` files.
+    /// Dataset to train and evaluate on. Metrics files written before this field existed
+    /// describe Fashion-MNIST colours runs.
+    #[serde(default = "default_dataset")]
+    pub dataset: DatasetSpec,
+    /// Directory with the Fashion-MNIST `.gz` files; read for `fmnist-colours` only, where
+    /// it wins over a directory given in `dataset`.
     pub data_dir: PathBuf,
-    /// Train-split images drawn for training.
-    pub train_images: usize,
+    /// Train-split images drawn for training; `None` keeps the whole train split.
+    /// Fashion-MNIST colours requires a count.
+    pub train_images: Option<usize>,
     /// Training queries, drawn over the training images.
     pub train_queries: usize,
     /// Queries held out from the same draw for validation.
     pub validation_queries: usize,
-    /// Test queries over the 10,000 test images.
-    pub test_queries: usize,
+    /// Single-step test queries of an offline benchmark; `None` is the benchmark's standard
+    /// set. The published datasets use their published test queries.
+    pub test_queries: Option<usize>,
     /// Seed of the image subset and of the training queries.
     pub seed: u64,
     /// Two-step training queries over the training images, added to `train_queries`.
     #[serde(default)]
     pub two_step_train_queries: usize,
-    /// Two-step test queries over the 10,000 test images, evaluated separately; the
-    /// datasets crate's standard set when equal to its default count.
+    /// Two-step test queries of an offline benchmark, evaluated separately; the datasets
+    /// crate's standard set when equal to its default count.
     #[serde(default)]
     pub two_step_test_queries: usize,
 }
 
-/// Images, queries and texts of one run.
-#[derive(Debug)]
-pub struct Benchmark {
-    /// Both Fashion-MNIST splits.
-    pub data: FashionMnist,
-    /// Sorted train-split indices used for training.
+/// A query resolved to a catalog row and a text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowQuery {
+    /// Row of the reference image in the query's catalog.
+    pub reference: usize,
+    /// Modification texts in the order they apply; one entry for a single-step query.
+    pub texts: Vec<String>,
+    /// Text the text encoder reads: the single modification, or the modifications joined
+    /// by [`join_modifications`] as the serving path joins them.
+    pub text: String,
+    /// Attribute key of the relevant catalog items ([`BenchmarkItem::key`]).
+    pub target: i64,
+    /// Kind of change, for per-kind reports (`colour`, `class`, `shape`, `both`, ...).
+    pub kind: String,
+}
+
+/// Test queries and the catalog they search.
+#[derive(Debug, Clone)]
+pub struct TestSet {
+    /// Name of the query set: `test`, `two-step`, or a FashionIQ category.
+    pub name: String,
+    /// Position of the catalog in [`Benchmark::test_catalogs`].
+    pub catalog: usize,
+    /// Queries whose reference and relevant items are in the catalog.
+    pub queries: Vec<RowQuery>,
+}
+
+impl TestSet {
+    /// Returns true for the two-step set of an offline benchmark, reported in its own table.
+    pub fn is_two_step(&self) -> bool {
+        self.name == TWO_STEP_SET
+    }
+}
+
+/// The Fashion-MNIST training subset, which names the feature cache of that benchmark.
+#[derive(Debug, Clone)]
+pub struct FashionMnistSubset {
+    /// Sorted train-split indices used for training, one per training catalog row.
     pub train_pool: Vec<usize>,
-    /// Training queries with train phrasings.
-    pub train_queries: Vec<Query>,
-    /// Held-out queries with train phrasings, whose relevant items come from `train_pool`.
+    /// Images of the test split.
+    pub test_images: usize,
+}
+
+/// Images, queries and texts of one run.
+#[derive(Debug, Clone)]
+pub struct Benchmark {
+    /// Dataset the benchmark came from.
+    pub spec: DatasetSpec,
+    /// Recall cut-offs and whether the test sets are averaged.
+    pub protocol: Protocol,
+    /// Decoder of the catalog images.
+    pub images: ImageLoader,
+    /// Training images; row `i` is row `i` of the training feature matrix.
+    pub train_catalog: Vec<BenchmarkItem>,
+    /// Training queries over `train_catalog`, two-step queries excluded.
+    pub train_queries: Vec<RowQuery>,
+    /// Held-out queries over `train_catalog`.
     ///
     /// NOTE: their reference and relevant images are training images, so the validation
     /// recall reads higher than the test recall; a split over unseen train-split images
     /// would need their backbone features in the cache too.
-    pub validation_queries: Vec<Query>,
-    /// Test queries with test phrasings, whose relevant items come from the test split.
-    pub test_queries: Vec<Query>,
-    /// `train_pool` grouped by (class, colour).
-    pub train_index: AttributeIndex,
-    /// Two-step training queries with train phrasings, texts joined in order.
-    pub two_step_train_queries: Vec<Query>,
-    /// Two-step test queries with test phrasings over the test split.
-    pub two_step_test_queries: Vec<Query>,
+    pub validation_queries: Vec<RowQuery>,
+    /// Two-step training queries over `train_catalog`, texts joined in order.
+    pub two_step_train_queries: Vec<RowQuery>,
+    /// Distinct catalogs of the test sets; the offline benchmarks share one.
+    pub test_catalogs: Vec<Vec<BenchmarkItem>>,
+    /// Test query sets in the dataset's order.
+    pub test_sets: Vec<TestSet>,
     /// Sorted unique texts of the single-step queries. The feature cache is keyed on these.
     pub texts: Vec<String>,
     /// Sorted unique joined texts of the two-step queries that are not in `texts`. Their
     /// feature rows follow those of `texts`.
     pub two_step_texts: Vec<String>,
+    /// Set for Fashion-MNIST colours, whose feature cache is keyed by the training subset.
+    pub fashion_mnist: Option<FashionMnistSubset>,
     text_rows: HashMap<String, usize>,
-    pool_rows: HashMap<usize, usize>,
 }
 
 impl Benchmark {
-    /// Loads Fashion-MNIST and draws the subset and queries.
+    /// Loads the dataset of `config` and draws its subset and queries.
     pub fn build(config: &BenchmarkConfig) -> Result<Self> {
-        let data = FashionMnist::load(&config.data_dir)?;
-        if config.train_images > data.train.len() {
-            return Err(TrainerError::InvalidInput(format!(
-                "--train-images is {}, but the train split has only {} images",
-                config.train_images,
-                data.train.len()
-            )));
+        match &config.dataset {
+            DatasetSpec::FmnistColours { .. } => build_fashion_mnist(config),
+            spec => build_retrieval(spec, config),
         }
-        let train_pool = sample_indices(data.train.len(), config.train_images, config.seed)?;
-        let train_index = AttributeIndex::new(&data.train, &train_pool)?;
-
-        let drawn = config.train_queries + config.validation_queries;
-        let query_config = QueryConfig {
-            count: drawn,
-            phrasing: Phrasing::Train,
-            seed: config.seed.wrapping_add(1),
-        };
-        let mut train_queries = generate_queries(&data.train, &train_pool, &query_config)?;
-        let validation_queries = train_queries.split_off(config.train_queries);
-
-        let test_queries = if config.test_queries == DEFAULT_TEST_QUERY_COUNT {
-            default_test_queries(&data.test)?
-        } else {
-            let pool: Vec<usize> = (0..data.test.len()).collect();
-            let query_config = QueryConfig {
-                count: config.test_queries,
-                phrasing: Phrasing::Test,
-                seed: DEFAULT_TEST_QUERY_SEED,
-            };
-            generate_queries(&data.test, &pool, &query_config)?
-        };
-
-        let texts: Vec<String> = train_queries
-            .iter()
-            .chain(&validation_queries)
-            .chain(&test_queries)
-            .map(|query| query.text.clone())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let two_step_train_queries = if config.two_step_train_queries == 0 {
-            Vec::new()
-        } else {
-            generate_two_step_queries(
-                &data.train,
-                &train_pool,
-                &QueryConfig {
-                    count: config.two_step_train_queries,
-                    phrasing: Phrasing::Train,
-                    seed: config.seed.wrapping_add(2),
-                },
-            )?
-        };
-        let two_step_test_queries = match config.two_step_test_queries {
-            0 => Vec::new(),
-            DEFAULT_TWO_STEP_TEST_QUERY_COUNT => default_two_step_test_queries(&data.test)?,
-            count => {
-                let pool: Vec<usize> = (0..data.test.len()).collect();
-                generate_two_step_queries(
-                    &data.test,
-                    &pool,
-                    &QueryConfig {
-                        count,
-                        phrasing: Phrasing::Test,
-                        seed: DEFAULT_TWO_STEP_TEST_QUERY_SEED,
-                    },
-                )?
-            }
-        };
-        // The text encoder reads a multi-step query as the texts joined by the model crate,
-        // exactly as the serving path joins them.
-        let rejoin = |mut queries: Vec<Query>| -> Vec<Query> {
-            for query in &mut queries {
-                if !query.texts.is_empty() {
-                    query.text = join_modifications(&query.texts);
-                }
-            }
-            queries
-        };
-        let two_step_train_queries = rejoin(two_step_train_queries);
-        let two_step_test_queries = rejoin(two_step_test_queries);
-        let single_step: BTreeSet<&String> = texts.iter().collect();
-        let two_step_texts: Vec<String> = two_step_train_queries
-            .iter()
-            .chain(&two_step_test_queries)
-            .map(|query| &query.text)
-            .filter(|text| !single_step.contains(text))
-            .cloned()
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let text_rows = texts
-            .iter()
-            .chain(&two_step_texts)
-            .enumerate()
-            .map(|(row, text)| (text.clone(), row))
-            .collect();
-        let pool_rows = train_pool
-            .iter()
-            .enumerate()
-            .map(|(row, &index)| (index, row))
-            .collect();
-
-        Ok(Self {
-            data,
-            train_pool,
-            train_queries,
-            validation_queries,
-            test_queries,
-            train_index,
-            two_step_train_queries,
-            two_step_test_queries,
-            texts,
-            two_step_texts,
-            text_rows,
-            pool_rows,
-        })
     }
 
     /// Row of `text` in the text feature matrix: its row in [`Benchmark::texts`], or
@@ -202,10 +158,346 @@ impl Benchmark {
         })
     }
 
-    /// Row of train-split image `index` in [`Benchmark::train_pool`] and in the train feature matrix.
-    pub fn pool_row(&self, index: usize) -> Result<usize> {
-        self.pool_rows.get(&index).copied().ok_or_else(|| {
+    /// Attribute keys of the training catalog, row by row.
+    pub fn train_codes(&self) -> Vec<i64> {
+        self.train_catalog.iter().map(|item| item.key).collect()
+    }
+
+    /// Single-step test sets: every set but the two-step one.
+    pub fn single_step_sets(&self) -> impl Iterator<Item = &TestSet> {
+        self.test_sets.iter().filter(|set| !set.is_two_step())
+    }
+
+    /// The two-step test set, when the run has one.
+    pub fn two_step_set(&self) -> Option<&TestSet> {
+        self.test_sets.iter().find(|set| set.is_two_step())
+    }
+
+    /// Single-step test queries over all sets.
+    pub fn test_query_count(&self) -> usize {
+        self.single_step_sets().map(|set| set.queries.len()).sum()
+    }
+
+    /// Two-step test queries.
+    pub fn two_step_test_query_count(&self) -> usize {
+        self.two_step_set().map_or(0, |set| set.queries.len())
+    }
+
+    /// Catalog images over all test catalogs.
+    pub fn catalog_image_count(&self) -> usize {
+        self.test_catalogs.iter().map(Vec::len).sum()
+    }
+
+    /// Collects the texts of every query and assigns their feature rows.
+    fn with_texts(mut self) -> Self {
+        let single_step: BTreeSet<String> = self
+            .train_queries
+            .iter()
+            .chain(&self.validation_queries)
+            .chain(self.single_step_sets().flat_map(|set| &set.queries))
+            .map(|query| query.text.clone())
+            .collect();
+        let two_step: BTreeSet<String> = self
+            .two_step_train_queries
+            .iter()
+            .chain(self.two_step_set().into_iter().flat_map(|set| &set.queries))
+            .map(|query| query.text.clone())
+            .filter(|text| !single_step.contains(text))
+            .collect();
+        self.texts = single_step.into_iter().collect();
+        self.two_step_texts = two_step.into_iter().collect();
+        self.text_rows = self
+            .texts
+            .iter()
+            .chain(&self.two_step_texts)
+            .enumerate()
+            .map(|(row, text)| (text.clone(), row))
+            .collect();
+        self
+    }
+}
+
+/// Builds Fashion-MNIST colours exactly as the trainer always has, so that earlier runs,
+/// their feature caches and their metrics stay reproducible.
+fn build_fashion_mnist(config: &BenchmarkConfig) -> Result<Benchmark> {
+    let Some(train_images) = config.train_images else {
+        return Err(TrainerError::InvalidInput(
+            "fmnist-colours needs a training image count; pass --train-images".to_owned(),
+        ));
+    };
+    let data = Arc::new(FashionMnist::load(&config.data_dir)?);
+    if train_images > data.train.len() {
+        return Err(TrainerError::InvalidInput(format!(
+            "--train-images is {train_images}, but the train split has only {} images",
+            data.train.len()
+        )));
+    }
+    let train_pool = sample_indices(data.train.len(), train_images, config.seed)?;
+    let pool_rows: HashMap<usize, usize> = train_pool
+        .iter()
+        .enumerate()
+        .map(|(row, &index)| (index, row))
+        .collect();
+
+    let query_config = QueryConfig {
+        count: config.train_queries + config.validation_queries,
+        phrasing: Phrasing::Train,
+        seed: config.seed.wrapping_add(1),
+    };
+    let mut train_queries = generate_queries(&data.train, &train_pool, &query_config)?;
+    let validation_queries = train_queries.split_off(config.train_queries);
+
+    let test_count = config.test_queries.unwrap_or(DEFAULT_TEST_QUERY_COUNT);
+    let test_queries = if test_count == DEFAULT_TEST_QUERY_COUNT {
+        default_test_queries(&data.test)?
+    } else {
+        let pool: Vec<usize> = (0..data.test.len()).collect();
+        let query_config = QueryConfig {
+            count: test_count,
+            phrasing: Phrasing::Test,
+            seed: DEFAULT_TEST_QUERY_SEED,
+        };
+        generate_queries(&data.test, &pool, &query_config)?
+    };
+    let two_step_train_queries = if config.two_step_train_queries == 0 {
+        Vec::new()
+    } else {
+        generate_two_step_queries(
+            &data.train,
+            &train_pool,
+            &QueryConfig {
+                count: config.two_step_train_queries,
+                phrasing: Phrasing::Train,
+                seed: config.seed.wrapping_add(2),
+            },
+        )?
+    };
+    let two_step_test_queries = match config.two_step_test_queries {
+        0 => Vec::new(),
+        DEFAULT_TWO_STEP_TEST_QUERY_COUNT => default_two_step_test_queries(&data.test)?,
+        count => {
+            let pool: Vec<usize> = (0..data.test.len()).collect();
+            generate_two_step_queries(
+                &data.test,
+                &pool,
+                &QueryConfig {
+                    count,
+                    phrasing: Phrasing::Test,
+                    seed: DEFAULT_TWO_STEP_TEST_QUERY_SEED,
+                },
+            )?
+        }
+    };
+
+    let train_row = |index: usize| -> Result<usize> {
+        pool_rows.get(&index).copied().ok_or_else(|| {
             TrainerError::InvalidInput(format!("train image {index} is not in the training subset"))
         })
+    };
+    let train_rows = |queries: &[Query]| -> Result<Vec<RowQuery>> {
+        queries
+            .iter()
+            .map(|query| Ok(fashion_mnist_row_query(query, train_row(query.reference)?)))
+            .collect()
+    };
+    let test_rows = |queries: &[Query]| -> Vec<RowQuery> {
+        queries
+            .iter()
+            .map(|query| fashion_mnist_row_query(query, query.reference))
+            .collect()
+    };
+
+    let test_pool: Vec<usize> = (0..data.test.len()).collect();
+    let mut test_sets = vec![TestSet {
+        name: "test".to_owned(),
+        catalog: 0,
+        queries: test_rows(&test_queries),
+    }];
+    if !two_step_test_queries.is_empty() {
+        test_sets.push(TestSet {
+            name: TWO_STEP_SET.to_owned(),
+            catalog: 0,
+            queries: test_rows(&two_step_test_queries),
+        });
     }
+    let benchmark = Benchmark {
+        spec: config.dataset.clone(),
+        protocol: config.dataset.protocol(),
+        images: ImageLoader::new(Some(Arc::clone(&data))),
+        train_catalog: fashion_mnist_items(&data.train, &train_pool)?,
+        train_queries: train_rows(&train_queries)?,
+        validation_queries: train_rows(&validation_queries)?,
+        two_step_train_queries: train_rows(&two_step_train_queries)?,
+        test_catalogs: vec![fashion_mnist_items(&data.test, &test_pool)?],
+        test_sets,
+        texts: Vec::new(),
+        two_step_texts: Vec::new(),
+        fashion_mnist: Some(FashionMnistSubset {
+            test_images: data.test.len(),
+            train_pool,
+        }),
+        text_rows: HashMap::new(),
+    };
+    Ok(benchmark.with_texts())
+}
+
+fn fashion_mnist_row_query(query: &Query, reference: usize) -> RowQuery {
+    // The text encoder reads a multi-step query as the texts joined by the model crate,
+    // exactly as the serving path joins them.
+    let text = if query.texts.len() > 1 {
+        join_modifications(&query.texts)
+    } else {
+        query.text.clone()
+    };
+    let texts = if query.texts.is_empty() {
+        vec![query.text.clone()]
+    } else {
+        query.texts.clone()
+    };
+    RowQuery {
+        reference,
+        texts,
+        text,
+        target: query.target_code(),
+        kind: query.kind.as_str().to_owned(),
+    }
+}
+
+fn fashion_mnist_items(data: &SplitData, indices: &[usize]) -> Result<Vec<BenchmarkItem>> {
+    let split: Split = data.split();
+    indices
+        .iter()
+        .map(|&index| {
+            Ok(BenchmarkItem {
+                id: format!("fmnist-{split}-{index:05}"),
+                key: attribute_code(data.class(index)?, colour_of(split, index)),
+                image: ImageSource::FashionMnist { split, index },
+                metadata: Default::default(),
+            })
+        })
+        .collect()
+}
+
+/// Builds any dataset but Fashion-MNIST colours through [`RetrievalBenchmark::load`].
+fn build_retrieval(spec: &DatasetSpec, config: &BenchmarkConfig) -> Result<Benchmark> {
+    // The offline loaders draw the two-step share of all generated queries, validation
+    // included, so this fraction yields `two_step_train_queries` of them.
+    let drawn = config.train_queries + config.two_step_train_queries + config.validation_queries;
+    let options = LoadOptions {
+        train_images: config.train_images,
+        train_queries: Some(drawn),
+        test_queries: config.test_queries,
+        two_step_test_queries: config.two_step_test_queries,
+        two_step_train_fraction: if spec.is_offline() && drawn > 0 {
+            config.two_step_train_queries as f64 / drawn as f64
+        } else {
+            0.0
+        },
+        seed: config.seed,
+    };
+    let loaded = RetrievalBenchmark::load(spec, &options)?;
+
+    let train_ids = row_ids(&loaded.train.catalog);
+    let mut queries = row_queries(&loaded.train, &train_ids)?;
+    // The loaders put the two-step training queries after the single-step ones, so the
+    // held-out validation queries come from the single-step draw. A published dataset
+    // with fewer pairs than requested keeps all of them, in the same order.
+    let mut two_step_train_queries = Vec::new();
+    let mut single_step = Vec::with_capacity(queries.len());
+    for (query, source) in queries.drain(..).zip(&loaded.train.queries) {
+        // Only the offline benchmarks have multi-step queries.
+        if spec.is_offline() && source.texts.len() > 1 {
+            two_step_train_queries.push(query);
+        } else {
+            single_step.push(query);
+        }
+    }
+    if single_step.len() < 2 {
+        return Err(TrainerError::InvalidInput(format!(
+            "{spec} has {} single-step training queries, too few to hold out validation queries",
+            single_step.len()
+        )));
+    }
+    let validation_count = config.validation_queries.min(single_step.len() / 2).max(1);
+    let validation_queries = single_step.split_off(single_step.len() - validation_count);
+
+    let mut test_catalogs: Vec<Vec<BenchmarkItem>> = Vec::new();
+    let mut test_sets = Vec::with_capacity(loaded.test.len());
+    for set in &loaded.test {
+        let catalog = match test_catalogs
+            .iter()
+            .position(|catalog| *catalog == set.catalog)
+        {
+            Some(position) => position,
+            None => {
+                test_catalogs.push(set.catalog.clone());
+                test_catalogs.len() - 1
+            }
+        };
+        let ids = row_ids(&set.catalog);
+        test_sets.push(TestSet {
+            name: set.name.clone(),
+            catalog,
+            queries: row_queries(set, &ids)?,
+        });
+    }
+
+    let benchmark = Benchmark {
+        spec: spec.clone(),
+        protocol: loaded.protocol.clone(),
+        images: loaded.images.clone(),
+        train_catalog: loaded.train.catalog,
+        train_queries: single_step,
+        validation_queries,
+        two_step_train_queries,
+        test_catalogs,
+        test_sets,
+        texts: Vec::new(),
+        two_step_texts: Vec::new(),
+        fashion_mnist: None,
+        text_rows: HashMap::new(),
+    };
+    Ok(benchmark.with_texts())
+}
+
+fn row_ids(catalog: &[BenchmarkItem]) -> HashMap<&str, usize> {
+    catalog
+        .iter()
+        .enumerate()
+        .map(|(row, item)| (item.id.as_str(), row))
+        .collect()
+}
+
+fn row_queries(set: &QuerySet, rows: &HashMap<&str, usize>) -> Result<Vec<RowQuery>> {
+    set.queries
+        .iter()
+        .map(|query| {
+            let reference = rows
+                .get(query.reference_id.as_str())
+                .copied()
+                .ok_or_else(|| {
+                    TrainerError::InvalidInput(format!(
+                        "query set {} names reference {}, which is not in its catalog",
+                        set.name, query.reference_id
+                    ))
+                })?;
+            let text = match query.texts.as_slice() {
+                [] => {
+                    return Err(TrainerError::InvalidInput(format!(
+                        "a query of set {} on {} has no modification text",
+                        set.name, query.reference_id
+                    )))
+                }
+                [single] => single.clone(),
+                texts => join_modifications(texts),
+            };
+            Ok(RowQuery {
+                reference,
+                texts: query.texts.clone(),
+                text,
+                target: query.target_key,
+                kind: query.kind.clone(),
+            })
+        })
+        .collect()
 }

@@ -2,8 +2,9 @@
 //!
 //! The backbones never change during head training, so their outputs are
 //! computed once. The cache file name is a SHA-256 over the weight files, the
-//! image size, the training subset and the query texts, so a rerun with the
-//! same inputs loads the features instead of recomputing them.
+//! image size, the dataset, its training and test catalogs and the query
+//! texts, so a rerun with the same inputs loads the features instead of
+//! recomputing them, and each dataset gets its own cache file.
 //!
 //! TODO: fine-tuning the last image block and the top BERT layers needs training through the
 //! backbones on images; the trainer supports frozen backbones only.
@@ -13,7 +14,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use densebert4ret_datasets::{tinted_image, SplitData};
+use densebert4ret_datasets::{BenchmarkItem, ImageLoader};
 use densebert4ret_model::{
     image_to_chw, pad_batch, stack_images, Backbones, ImageArchitecture, Pooling, TextTokenizer,
     TokenOverflow, TEXT_CONFIG_FILE, TEXT_TOKENIZER_FILE, TEXT_WEIGHTS_FILE,
@@ -44,7 +45,7 @@ pub struct FeatureSpec {
     pub image_weights: PathBuf,
     /// Directory with the text encoder's `config.json`, `model.safetensors` and `tokenizer.json`.
     pub text_dir: PathBuf,
-    /// Side in pixels that the 28-pixel images are resized to.
+    /// Side in pixels that the catalog images are resized to.
     pub image_size: u32,
     /// Maximum tokens per text, special tokens included.
     pub max_tokens: usize,
@@ -55,10 +56,11 @@ pub struct FeatureSpec {
 /// Cached features, rows aligned with the benchmark.
 #[derive(Debug)]
 pub struct Features {
-    /// `[train_pool.len(), image_dim]`, row `i` is `train_pool[i]`.
+    /// `[train_catalog.len(), image_dim]`, row `i` is `train_catalog[i]`.
     pub train_images: Tensor,
-    /// `[10_000, image_dim]`, row `i` is test image `i`.
-    pub test_images: Tensor,
+    /// One matrix per test catalog, in the order of `Benchmark::test_catalogs`; row `i`
+    /// is item `i` of that catalog.
+    pub test_images: Vec<Tensor>,
     /// `[texts.len(), text_dim]`, row `i` is `texts[i]`.
     pub texts: Tensor,
 }
@@ -66,7 +68,7 @@ pub struct Features {
 impl Features {
     /// Width of the image features.
     pub fn image_dim(&self) -> i64 {
-        self.test_images.size()[1]
+        self.train_images.size()[1]
     }
 
     /// Width of the text features.
@@ -90,6 +92,13 @@ struct CacheKey {
     train_pool_sha256: String,
     test_images: usize,
     texts: Vec<String>,
+    /// Dataset name and directory; absent for Fashion-MNIST colours, whose key predates it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    dataset: Option<String>,
+    /// SHA-256 over the ids and image sources of every test catalog; absent for
+    /// Fashion-MNIST colours.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    test_catalogs_sha256: Option<String>,
 }
 
 /// Whether [`load_or_compute`] found the features on disk.
@@ -198,11 +207,30 @@ fn load_or_compute_texts(texts: &[String], spec: &FeatureSpec, cache_dir: &Path)
 }
 
 fn cache_key(benchmark: &Benchmark, spec: &FeatureSpec) -> Result<CacheKey> {
-    let pool_bytes: Vec<u8> = benchmark
-        .train_pool
-        .iter()
-        .flat_map(|&index| (index as u64).to_le_bytes())
-        .collect();
+    // Fashion-MNIST colours keeps the key it always had, so existing caches stay valid.
+    let (train_pool_sha256, test_images, dataset, test_catalogs_sha256) =
+        match &benchmark.fashion_mnist {
+            Some(subset) => {
+                let pool_bytes: Vec<u8> = subset
+                    .train_pool
+                    .iter()
+                    .flat_map(|&index| (index as u64).to_le_bytes())
+                    .collect();
+                (sha256_hex(&pool_bytes), subset.test_images, None, None)
+            }
+            None => {
+                let test_items: Vec<&BenchmarkItem> =
+                    benchmark.test_catalogs.iter().flatten().collect();
+                let test_bytes = serde_json::to_vec(&test_items)
+                    .map_err(|error| TrainerError::InvalidInput(error.to_string()))?;
+                (
+                    catalog_sha256(&benchmark.train_catalog)?,
+                    test_items.len(),
+                    Some(benchmark.spec.to_string()),
+                    Some(sha256_hex(&test_bytes)),
+                )
+            }
+        };
     Ok(CacheKey {
         format: CACHE_FORMAT,
         architecture: spec.architecture.as_str().to_owned(),
@@ -213,10 +241,19 @@ fn cache_key(benchmark: &Benchmark, spec: &FeatureSpec) -> Result<CacheKey> {
         image_size: spec.image_size,
         max_tokens: spec.max_tokens,
         pooling: spec.pooling,
-        train_pool_sha256: sha256_hex(&pool_bytes),
-        test_images: benchmark.data.test.len(),
+        train_pool_sha256,
+        test_images,
         texts: benchmark.texts.clone(),
+        dataset,
+        test_catalogs_sha256,
     })
+}
+
+/// SHA-256 over the ids and image sources of `items`, in order.
+fn catalog_sha256(items: &[BenchmarkItem]) -> Result<String> {
+    let bytes =
+        serde_json::to_vec(items).map_err(|error| TrainerError::InvalidInput(error.to_string()))?;
+    Ok(sha256_hex(&bytes))
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -251,26 +288,23 @@ fn compute(benchmark: &Benchmark, spec: &FeatureSpec) -> Result<Features> {
         Device::Cpu,
     )?;
 
-    let test_indices: Vec<usize> = (0..benchmark.data.test.len()).collect();
-    let test_images = image_features(
-        &backbones,
-        &benchmark.data.test,
-        &test_indices,
-        spec,
-        "test images",
-    )?;
+    let test_images = benchmark
+        .test_catalogs
+        .iter()
+        .map(|catalog| image_features(&backbones, &benchmark.images, catalog, spec, "test images"))
+        .collect::<Result<Vec<_>>>()?;
     let train_images = image_features(
         &backbones,
-        &benchmark.data.train,
-        &benchmark.train_pool,
+        &benchmark.images,
+        &benchmark.train_catalog,
         spec,
         "train images",
     )?;
     let texts = text_features(&backbones, &benchmark.texts, spec)?;
 
     tracing::info!(
-        test_images = test_indices.len(),
-        train_images = benchmark.train_pool.len(),
+        test_images = benchmark.catalog_image_count(),
+        train_images = benchmark.train_catalog.len(),
         texts = benchmark.texts.len(),
         image_size = spec.image_size,
         seconds = started.elapsed().as_secs_f64(),
@@ -285,19 +319,19 @@ fn compute(benchmark: &Benchmark, spec: &FeatureSpec) -> Result<Features> {
 
 fn image_features(
     backbones: &Backbones,
-    data: &SplitData,
-    indices: &[usize],
+    loader: &ImageLoader,
+    items: &[BenchmarkItem],
     spec: &FeatureSpec,
     label: &'static str,
 ) -> Result<Tensor> {
     let normalization = spec.architecture.normalization();
-    let mut progress = Progress::new(indices.len() as u64, label);
-    let mut rows = Vec::with_capacity(indices.len().div_ceil(IMAGE_BATCH));
-    for batch in indices.chunks(IMAGE_BATCH) {
+    let mut progress = Progress::new(items.len() as u64, label);
+    let mut rows = Vec::with_capacity(items.len().div_ceil(IMAGE_BATCH));
+    for batch in items.chunks(IMAGE_BATCH) {
         let mut inputs = Vec::with_capacity(batch.len());
-        for &index in batch {
+        for item in batch {
             inputs.push(image_to_chw(
-                &tinted_image(data, index)?,
+                &loader.load(&item.image)?,
                 spec.image_size,
                 normalization,
             ));
@@ -335,6 +369,15 @@ const TRAIN_IMAGES: &str = "train_images";
 const TEST_IMAGES: &str = "test_images";
 const TEXTS: &str = "texts";
 
+/// Tensor name of test catalog `position`: `test_images` for the first, as caches
+/// written before there were several catalogs name it, then `test_images_1`, ...
+fn test_images_name(position: usize) -> String {
+    match position {
+        0 => TEST_IMAGES.to_owned(),
+        position => format!("{TEST_IMAGES}_{position}"),
+    }
+}
+
 fn write_cache(
     tensors_path: &Path,
     key_path: &Path,
@@ -350,11 +393,14 @@ fn write_cache(
     let partial_tensors =
         tensors_path.with_extension(format!("safetensors.partial-{}", std::process::id()));
     let partial_key = key_path.with_extension(format!("json.partial-{}", std::process::id()));
-    let named = [
-        (TRAIN_IMAGES, features.train_images.shallow_clone()),
-        (TEST_IMAGES, features.test_images.shallow_clone()),
-        (TEXTS, features.texts.shallow_clone()),
-    ];
+    let mut named = vec![(
+        TRAIN_IMAGES.to_owned(),
+        features.train_images.shallow_clone(),
+    )];
+    for (position, tensor) in features.test_images.iter().enumerate() {
+        named.push((test_images_name(position), tensor.shallow_clone()));
+    }
+    named.push((TEXTS.to_owned(), features.texts.shallow_clone()));
     Tensor::write_safetensors(&named, &partial_tensors)?;
     let json = serde_json::to_vec_pretty(key)
         .map_err(|error| TrainerError::InvalidInput(error.to_string()))?;
@@ -406,10 +452,18 @@ fn read_cache(
         }
         Ok(tensor)
     };
-    let train_images = take(TRAIN_IMAGES, benchmark.train_pool.len())?;
-    let test_images = take(TEST_IMAGES, benchmark.data.test.len())?;
+    let train_images = take(TRAIN_IMAGES, benchmark.train_catalog.len())?;
+    let test_images = benchmark
+        .test_catalogs
+        .iter()
+        .enumerate()
+        .map(|(position, catalog)| take(&test_images_name(position), catalog.len()))
+        .collect::<Result<Vec<_>>>()?;
     let texts = take(TEXTS, benchmark.texts.len())?;
-    if train_images.size()[1] != test_images.size()[1] {
+    if test_images
+        .iter()
+        .any(|test| test.size()[1] != train_images.size()[1])
+    {
         return Err(invalid(
             "train and test image features differ in width".to_owned(),
         ));

@@ -1,4 +1,6 @@
-//! Training and evaluation of the DenseBert4Ret heads on the Fashion-MNIST colours benchmark.
+//! Training and evaluation of the DenseBert4Ret heads on composed retrieval benchmarks:
+//! Fashion-MNIST colours, easy-VQA shapes, Fashion200k, MIT-States and FashionIQ
+//! ([`benchmark`]).
 //!
 //! DenseBert4Ret (Khan, Latif, Kim, Kim and Jeon, Information Sciences 612,
 //! 2022) fuses image backbone features and BERT text features with an MLP

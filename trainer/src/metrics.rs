@@ -12,7 +12,8 @@ use tch::{Kind, Tensor};
 
 use crate::error::{Result, TrainerError};
 
-/// Cut-offs reported for every method.
+/// Cut-offs of Fashion-MNIST colours and easy-VQA shapes; other datasets report the
+/// cut-offs of their protocol.
 pub const RECALL_CUTOFFS: [usize; 4] = [1, 5, 10, 50];
 
 /// Queries whose score rows are ranked at once, which bounds memory to
@@ -126,19 +127,35 @@ pub fn recall_at(ranks: &[usize], k: usize) -> f64 {
     ranks.iter().filter(|&&rank| rank < k).count() as f64 / ranks.len() as f64
 }
 
-/// Recall at each of [`RECALL_CUTOFFS`], keyed `"R@1"`, `"R@5"` and so on.
+/// Recall at each reported cut-off, keyed `"R@1"`, `"R@5"` and so on.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Recalls(pub BTreeMap<String, f64>);
 
 impl Recalls {
-    /// Recalls of the given ranks at every cut-off.
+    /// Recalls of the given ranks at every cut-off of [`RECALL_CUTOFFS`].
     pub fn from_ranks(ranks: &[usize]) -> Self {
+        Self::from_ranks_at(ranks, &RECALL_CUTOFFS)
+    }
+
+    /// Recalls of the given ranks at each of `cutoffs`.
+    pub fn from_ranks_at(ranks: &[usize], cutoffs: &[usize]) -> Self {
         Self(
-            RECALL_CUTOFFS
+            cutoffs
                 .iter()
                 .map(|&k| (format!("R@{k}"), recall_at(ranks, k)))
                 .collect(),
         )
+    }
+
+    /// Cut-offs present, ascending.
+    pub fn cutoffs(&self) -> Vec<usize> {
+        let mut cutoffs: Vec<usize> = self
+            .0
+            .keys()
+            .filter_map(|key| key.strip_prefix("R@")?.parse().ok())
+            .collect();
+        cutoffs.sort_unstable();
+        cutoffs
     }
 
     /// Recall at `k`, or `None` when `k` is not a reported cut-off.

@@ -6,71 +6,36 @@
 //! `baselines/`, and every method is ranked by the harness of [`crate::evaluate`].
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
+
+use densebert4ret_datasets::DatasetSpec;
 
 use densebert4ret_model::{fingerprint_dir, ModelConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::benchmark::Benchmark;
 use crate::error::{Result, TrainerError};
-use crate::evaluate::{evaluate_queries, MethodResult, TrainedSet};
+use crate::evaluate::{evaluate_benchmark, MethodResult, TrainedSet};
 use crate::features::{load_or_compute, FeatureSpec};
 use crate::heads::Heads;
 use crate::report::{
-    load_heads, markdown_report, write_evaluation_files, Metrics, BASELINES_DIR, METRICS_FILE,
+    load_heads, markdown_report_with_sets, write_evaluation_files, Metrics, BASELINES_DIR,
+    METRICS_FILE,
 };
 use crate::train::Variant;
 
 /// File name of the evaluation results in the output directory.
 pub const EVALUATION_FILE: &str = "evaluation.json";
 
-/// Benchmark an evaluation runs on.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Dataset {
-    /// Fashion-MNIST colours: Recall@1/5/10/50 over the 10,000 test images, reference excluded.
-    FmnistColours,
-}
-
-impl Dataset {
-    /// Name accepted by `--dataset`.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Dataset::FmnistColours => "fmnist-colours",
-        }
-    }
-}
-
-impl fmt::Display for Dataset {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Dataset {
-    type Err = String;
-
-    fn from_str(name: &str) -> Result<Self, Self::Err> {
-        match name {
-            "fmnist-colours" => Ok(Dataset::FmnistColours),
-            // TODO: evaluate easy-VQA shapes, Fashion200k, MIT-States and FashionIQ once the
-            // datasets crate reads them.
-            other => Err(format!(
-                "dataset {other:?} is not supported by this build: expected \"fmnist-colours\""
-            )),
-        }
-    }
-}
-
 /// Settings of an evaluation run.
 #[derive(Debug, Clone)]
 pub struct EvaluateConfig {
     /// Model directory written by a training run.
     pub model_dir: PathBuf,
-    /// Benchmark to evaluate on.
-    pub dataset: Dataset,
+    /// Dataset to evaluate on; `None` is the one recorded at training time. A different
+    /// dataset than the recorded one is rejected, because the heads were trained on it, but
+    /// its directory may differ.
+    pub dataset: Option<DatasetSpec>,
     /// Directory of the feature cache files.
     pub cache_dir: PathBuf,
     /// Directory for `evaluation.json`, `evaluation.md` and the plots.
@@ -88,10 +53,14 @@ pub struct Evaluation {
     pub model_dir: PathBuf,
     /// Content fingerprint of the model directory.
     pub model_fingerprint: String,
-    /// Benchmark name.
-    pub dataset: Dataset,
-    /// Single-step test results keyed by method.
+    /// Dataset evaluated.
+    pub dataset: DatasetSpec,
+    /// Single-step test results keyed by method; the means over the test sets where the
+    /// dataset has several.
     pub methods: BTreeMap<String, MethodResult>,
+    /// Single-step results of each test set, keyed by set and method, when there are several.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub per_set_methods: BTreeMap<String, BTreeMap<String, MethodResult>>,
     /// Two-step test results keyed by method.
     pub two_step_methods: BTreeMap<String, MethodResult>,
 }
@@ -111,6 +80,20 @@ pub fn evaluate_model_dir(config: &EvaluateConfig) -> Result<(Evaluation, String
     let model_config = ModelConfig::from_dir(&config.model_dir)?;
 
     let mut benchmark_config = recorded.config.benchmark.clone();
+    if let Some(dataset) = &config.dataset {
+        if dataset.name() != benchmark_config.dataset.name() {
+            return Err(TrainerError::InvalidInput(format!(
+                "--dataset is {dataset}, but {} was trained on {}; pass --dataset {} or another model",
+                config.model_dir.display(),
+                benchmark_config.dataset,
+                benchmark_config.dataset.name()
+            )));
+        }
+        benchmark_config.dataset = dataset.clone();
+        if let DatasetSpec::FmnistColours { dir: Some(dir) } = dataset {
+            benchmark_config.data_dir = dir.clone();
+        }
+    }
     if let Some(data_dir) = &config.data_dir {
         benchmark_config.data_dir = data_dir.clone();
     }
@@ -168,14 +151,8 @@ pub fn evaluate_model_dir(config: &EvaluateConfig) -> Result<(Evaluation, String
         tirg: tirg.as_ref(),
     };
 
-    let single = evaluate_queries(&benchmark, &features, &benchmark.test_queries, &set)?;
-    let two_step = evaluate_queries(
-        &benchmark,
-        &features,
-        &benchmark.two_step_test_queries,
-        &set,
-    )?;
-    let tables = markdown_report(&single, &two_step);
+    let results = evaluate_benchmark(&benchmark, &features, &set)?;
+    let tables = markdown_report_with_sets(&results);
     let by_key = |results: &[MethodResult]| -> BTreeMap<String, MethodResult> {
         results
             .iter()
@@ -185,13 +162,14 @@ pub fn evaluate_model_dir(config: &EvaluateConfig) -> Result<(Evaluation, String
     let evaluation = Evaluation {
         model_dir: config.model_dir.clone(),
         model_fingerprint: fingerprint_dir(&config.model_dir)?,
-        dataset: config.dataset.clone(),
-        methods: by_key(&single),
-        two_step_methods: if two_step.is_empty() {
-            BTreeMap::new()
-        } else {
-            by_key(&two_step)
-        },
+        dataset: benchmark.spec.clone(),
+        methods: by_key(&results.single_step),
+        per_set_methods: results
+            .per_set
+            .iter()
+            .map(|(name, results)| (name.clone(), by_key(results)))
+            .collect(),
+        two_step_methods: by_key(&results.two_step),
     };
 
     std::fs::create_dir_all(&config.output_dir)
@@ -205,6 +183,7 @@ pub fn evaluate_model_dir(config: &EvaluateConfig) -> Result<(Evaluation, String
     let plotted = Metrics {
         methods: evaluation.methods.clone(),
         two_step_methods: evaluation.two_step_methods.clone(),
+        per_set_methods: evaluation.per_set_methods.clone(),
         ..recorded
     };
     write_evaluation_files(&config.output_dir, &plotted, &tables)?;

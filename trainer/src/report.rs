@@ -34,7 +34,7 @@ pub struct TrainingSummary {
 /// Sizes of the data a run used.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataCounts {
-    /// Train-split images used for training.
+    /// Training catalog images.
     pub train_images: usize,
     /// Single-step training queries.
     pub train_queries: usize,
@@ -48,7 +48,7 @@ pub struct DataCounts {
     /// Two-step test queries.
     #[serde(default)]
     pub two_step_test_queries: usize,
-    /// Catalog images (the test split).
+    /// Catalog images over all test catalogs.
     pub catalog_images: usize,
     /// Unique query texts.
     pub texts: usize,
@@ -85,6 +85,10 @@ pub struct Metrics {
     /// Two-step test results keyed by method; empty when the run had no two-step test queries.
     #[serde(default)]
     pub two_step_methods: BTreeMap<String, MethodResult>,
+    /// Single-step results of each test set, keyed by set and method, when the dataset has
+    /// several sets (FashionIQ's categories); `methods` then contains their means.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub per_set_methods: BTreeMap<String, BTreeMap<String, MethodResult>>,
     /// Training histories keyed by variant (`fusion`, `text_only`, `tirg`).
     pub training: BTreeMap<String, TrainingSummary>,
     /// Wall time of each stage in seconds.
@@ -102,14 +106,42 @@ fn percent(value: Option<f64>) -> String {
     value.map_or_else(|| "-".to_owned(), |value| format!("{:.1}", 100.0 * value))
 }
 
-/// Renders the Recall@K table and the per-kind Recall@10 table in Markdown.
+/// Cut-offs of the results, or [`RECALL_CUTOFFS`] when there are none.
+fn cutoffs_of(results: &[MethodResult]) -> Vec<usize> {
+    results
+        .first()
+        .map(|result| result.recalls.cutoffs())
+        .filter(|cutoffs| !cutoffs.is_empty())
+        .unwrap_or_else(|| RECALL_CUTOFFS.to_vec())
+}
+
+/// Query kinds of the results in report order: the kinds of the offline benchmarks first,
+/// then any others alphabetically.
+fn kinds_of(results: &[MethodResult]) -> Vec<String> {
+    const ORDER: [&str; 4] = ["colour", "class", "shape", "both"];
+    let mut kinds: Vec<String> = results
+        .iter()
+        .flat_map(|result| result.per_kind.keys().cloned())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    kinds.sort_by_key(|kind| {
+        let position = ORDER.iter().position(|known| known == kind);
+        (position.unwrap_or(ORDER.len()), kind.clone())
+    });
+    kinds
+}
+
+/// Renders the Recall@K table and the per-kind recall table in Markdown. The per-kind
+/// table reports R@10, or the largest cut-off when 10 is not one of them.
 pub fn markdown_tables(results: &[MethodResult]) -> String {
+    let cutoffs = cutoffs_of(results);
     let mut table = String::new();
-    let header: Vec<String> = RECALL_CUTOFFS.iter().map(|k| format!("R@{k}")).collect();
+    let header: Vec<String> = cutoffs.iter().map(|k| format!("R@{k}")).collect();
     let _ = writeln!(table, "| Method | {} |", header.join(" | "));
-    let _ = writeln!(table, "|---|{}", "---:|".repeat(RECALL_CUTOFFS.len()));
+    let _ = writeln!(table, "|---|{}", "---:|".repeat(cutoffs.len()));
     for result in results {
-        let cells: Vec<String> = RECALL_CUTOFFS
+        let cells: Vec<String> = cutoffs
             .iter()
             .map(|&k| percent(result.recalls.at(k)))
             .collect();
@@ -121,22 +153,41 @@ pub fn markdown_tables(results: &[MethodResult]) -> String {
         );
     }
 
+    let kind_k = if cutoffs.contains(&10) {
+        10
+    } else {
+        cutoffs.last().copied().unwrap_or(10)
+    };
+    let kinds = kinds_of(results);
     let _ = writeln!(table);
+    let kind_header: Vec<String> = kinds
+        .iter()
+        .map(|kind| format!("R@{kind_k} {kind}"))
+        .collect();
     let _ = writeln!(
         table,
-        "| Method | R@10 colour | R@10 class | R@10 both | median rank |"
+        "| Method | {}median rank |",
+        kind_header
+            .iter()
+            .map(|cell| format!("{cell} | "))
+            .collect::<String>()
     );
-    let _ = writeln!(table, "|---|---:|---:|---:|---:|");
+    let _ = writeln!(table, "|---|{}---:|", "---:|".repeat(kinds.len()));
     for result in results {
-        let kind =
-            |name: &str| percent(result.per_kind.get(name).and_then(|recalls| recalls.at(10)));
+        let cells: String = kinds
+            .iter()
+            .map(|kind| {
+                let value = result
+                    .per_kind
+                    .get(kind)
+                    .and_then(|recalls| recalls.at(kind_k));
+                format!("{} | ", percent(value))
+            })
+            .collect();
         let _ = writeln!(
             table,
-            "| {} | {} | {} | {} | {} |",
+            "| {} | {cells}{} |",
             result.method.title(),
-            kind("colour"),
-            kind("class"),
-            kind("both"),
             result.median_rank
         );
     }
@@ -150,11 +201,12 @@ pub fn markdown_report(single_step: &[MethodResult], two_step: &[MethodResult]) 
         return report;
     }
     let _ = writeln!(report);
-    let header: Vec<String> = RECALL_CUTOFFS.iter().map(|k| format!("R@{k}")).collect();
+    let cutoffs = cutoffs_of(two_step);
+    let header: Vec<String> = cutoffs.iter().map(|k| format!("R@{k}")).collect();
     let _ = writeln!(report, "| Two-step queries | {} |", header.join(" | "));
-    let _ = writeln!(report, "|---|{}", "---:|".repeat(RECALL_CUTOFFS.len()));
+    let _ = writeln!(report, "|---|{}", "---:|".repeat(cutoffs.len()));
     for result in two_step {
-        let cells: Vec<String> = RECALL_CUTOFFS
+        let cells: Vec<String> = cutoffs
             .iter()
             .map(|&k| percent(result.recalls.at(k)))
             .collect();
@@ -164,6 +216,19 @@ pub fn markdown_report(single_step: &[MethodResult], two_step: &[MethodResult]) 
             result.method.title(),
             cells.join(" | ")
         );
+    }
+    report
+}
+
+/// Renders [`markdown_report`] and, when the dataset has several single-step test sets,
+/// a Recall@K table per set under a heading naming the set.
+pub fn markdown_report_with_sets(evaluation: &crate::evaluate::Evaluation) -> String {
+    let mut report = markdown_report(&evaluation.single_step, &evaluation.two_step);
+    for (name, results) in &evaluation.per_set {
+        let _ = writeln!(report);
+        let _ = writeln!(report, "Test set {name}:");
+        let _ = writeln!(report);
+        report.push_str(&markdown_tables(results));
     }
     report
 }

@@ -13,12 +13,12 @@ use tch::Tensor;
 
 use crate::benchmark::{Benchmark, BenchmarkConfig};
 use crate::error::{Result, TrainerError};
-use crate::evaluate::{evaluate_queries, MethodResult, TrainedSet};
+use crate::evaluate::{evaluate_benchmark, MethodResult, TrainedSet};
 use crate::features::{load_or_compute, CacheStatus, FeatureSpec, Features};
 use crate::heads::Heads;
 use crate::report::{
-    markdown_report, save_baseline, write_evaluation_files, DataCounts, Metrics, RecordedConfig,
-    TrainingSummary, METRICS_FILE,
+    markdown_report_with_sets, save_baseline, write_evaluation_files, DataCounts, Metrics,
+    RecordedConfig, TrainingSummary, METRICS_FILE,
 };
 use crate::train::{train_heads_with, Checkpointing, TrainSettings, Variant};
 
@@ -98,10 +98,11 @@ pub fn run(config: &RunConfig) -> Result<RunReport> {
 
     let benchmark = stopwatch.time("benchmark", || Benchmark::build(&config.benchmark))?;
     tracing::info!(
-        train_images = benchmark.train_pool.len(),
+        dataset = %benchmark.spec,
+        train_images = benchmark.train_catalog.len(),
         train_queries = benchmark.train_queries.len(),
         validation_queries = benchmark.validation_queries.len(),
-        test_queries = benchmark.test_queries.len(),
+        test_queries = benchmark.test_query_count(),
         texts = benchmark.texts.len(),
         "built benchmark"
     );
@@ -149,17 +150,10 @@ pub fn run(config: &RunConfig) -> Result<RunReport> {
         text_only,
         tirg: find(Variant::Tirg),
     };
-    let (results, two_step_results) = stopwatch.time("evaluate", || {
-        let single = evaluate_queries(&benchmark, &features, &benchmark.test_queries, &set)?;
-        let two_step = evaluate_queries(
-            &benchmark,
-            &features,
-            &benchmark.two_step_test_queries,
-            &set,
-        )?;
-        Ok((single, two_step))
+    let evaluation = stopwatch.time("evaluate", || {
+        evaluate_benchmark(&benchmark, &features, &set)
     })?;
-    let table = markdown_report(&results, &two_step_results);
+    let table = markdown_report_with_sets(&evaluation);
 
     let by_key = |results: &[MethodResult]| {
         results
@@ -169,12 +163,13 @@ pub fn run(config: &RunConfig) -> Result<RunReport> {
     };
     let mut metrics = Metrics {
         seed: config.training.seed,
-        methods: by_key(&results),
-        two_step_methods: if benchmark.two_step_test_queries.is_empty() {
-            BTreeMap::new()
-        } else {
-            by_key(&two_step_results)
-        },
+        methods: by_key(&evaluation.single_step),
+        two_step_methods: by_key(&evaluation.two_step),
+        per_set_methods: evaluation
+            .per_set
+            .iter()
+            .map(|(name, results)| (name.clone(), by_key(results)))
+            .collect(),
         training: trained
             .iter()
             .map(|(variant, heads)| {
@@ -195,13 +190,13 @@ pub fn run(config: &RunConfig) -> Result<RunReport> {
         }
         .to_owned(),
         counts: DataCounts {
-            train_images: benchmark.train_pool.len(),
+            train_images: benchmark.train_catalog.len(),
             train_queries: benchmark.train_queries.len(),
             two_step_train_queries: benchmark.two_step_train_queries.len(),
             validation_queries: benchmark.validation_queries.len(),
-            test_queries: benchmark.test_queries.len(),
-            two_step_test_queries: benchmark.two_step_test_queries.len(),
-            catalog_images: benchmark.data.test.len(),
+            test_queries: benchmark.test_query_count(),
+            two_step_test_queries: benchmark.two_step_test_query_count(),
+            catalog_images: benchmark.catalog_image_count(),
             texts: benchmark.texts.len() + benchmark.two_step_texts.len(),
         },
         config: RecordedConfig {
@@ -346,18 +341,25 @@ fn verify_reload(
     heads: &Heads,
 ) -> Result<()> {
     let model = DenseBert4Ret::load(dir, Device::Cpu)?;
-    let sample = benchmark.test_queries.len().min(64) as i64;
-    let references: Vec<i64> = benchmark.test_queries[..sample as usize]
+    let Some(set) = benchmark.single_step_sets().next() else {
+        return Err(TrainerError::InvalidInput(format!(
+            "{} has no test queries to check the written model with",
+            benchmark.spec
+        )));
+    };
+    let sample = set.queries.len().min(64);
+    let references: Vec<i64> = set.queries[..sample]
         .iter()
         .map(|query| query.reference as i64)
         .collect();
-    let texts = benchmark.test_queries[..sample as usize]
+    let texts = set.queries[..sample]
         .iter()
         .map(|query| benchmark.text_row(&query.text).map(|row| row as i64))
         .collect::<Result<Vec<_>>>()?;
-    let image_features = features
-        .test_images
-        .index_select(0, &Tensor::from_slice(&references));
+    let catalog_images = features.test_images.get(set.catalog).ok_or_else(|| {
+        TrainerError::InvalidInput(format!("no features for test catalog {}", set.catalog))
+    })?;
+    let image_features = catalog_images.index_select(0, &Tensor::from_slice(&references));
     let text_features = features.texts.index_select(0, &Tensor::from_slice(&texts));
 
     let query_difference = (model.f_compose(&image_features, &text_features)?

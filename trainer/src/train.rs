@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
-use densebert4ret_datasets::{Colour, FashionClass, Query};
 use densebert4ret_model::HeadConfig;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -16,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::{Kind, Tensor};
 
-use crate::benchmark::Benchmark;
+use crate::benchmark::{Benchmark, RowQuery};
 use crate::error::{Result, TrainerError};
 use crate::features::Features;
 use crate::heads::{CompositionKind, Heads};
@@ -162,17 +161,16 @@ struct QueryRows {
 }
 
 impl QueryRows {
-    fn new(benchmark: &Benchmark, queries: &[Query]) -> Result<Self> {
+    fn new(benchmark: &Benchmark, queries: &[RowQuery]) -> Result<Self> {
         let mut rows = Self {
             references: Vec::new(),
             texts: Vec::new(),
             targets: Vec::new(),
         };
         for query in queries {
-            rows.references
-                .push(benchmark.pool_row(query.reference)? as i64);
+            rows.references.push(query.reference as i64);
             rows.texts.push(benchmark.text_row(&query.text)? as i64);
-            rows.targets.push(query.target_code());
+            rows.targets.push(query.target);
         }
         Ok(rows)
     }
@@ -227,7 +225,7 @@ pub fn train_heads_with(
     let mut heads = Heads::with_composition(composition, image_dim, text_dim, &settings.head);
     let mut best = Heads::with_composition(composition, image_dim, text_dim, &settings.head);
 
-    let training_queries: Vec<Query> = benchmark
+    let training_queries: Vec<RowQuery> = benchmark
         .train_queries
         .iter()
         .chain(&benchmark.two_step_train_queries)
@@ -235,17 +233,8 @@ pub fn train_heads_with(
         .collect();
     let train = QueryRows::new(benchmark, &training_queries)?;
     let validation = QueryRows::new(benchmark, &benchmark.validation_queries)?;
-    let positive_rows = positive_rows_by_target(benchmark)?;
-    let catalog_codes: Vec<i64> = benchmark
-        .train_pool
-        .iter()
-        .map(|&index| {
-            Ok(densebert4ret_datasets::attribute_code(
-                benchmark.data.train.class(index)?,
-                colour(benchmark, index),
-            ))
-        })
-        .collect::<Result<_>>()?;
+    let positive_rows = positive_rows_by_target(benchmark);
+    let catalog_codes = benchmark.train_codes();
 
     let mut optimizer = Optimizer::new(&heads.store, settings.optimizer, settings.weight_decay);
     let steps_per_epoch = train.targets.len().div_ceil(settings.batch_size);
@@ -453,6 +442,23 @@ struct TrainingState {
 struct CheckpointFile {
     fingerprint: String,
     state: TrainingState,
+    /// Bit patterns of the floating-point values of `state`, in [`state_floats`] order.
+    /// serde_json's default parser may land one unit in the last place away from a written
+    /// `f64`, so a resumed run restores the exact values from these.
+    #[serde(default)]
+    float_bits: Vec<u64>,
+}
+
+/// Mutable references to every floating-point value of `state`, in a fixed order.
+fn state_floats(state: &mut TrainingState) -> Vec<&mut f64> {
+    let mut floats: Vec<&mut f64> = state.best_recall.iter_mut().collect();
+    for record in &mut state.history {
+        floats.push(&mut record.loss);
+        floats.push(&mut record.validation_recall_at_10);
+        floats.push(&mut record.learning_rate);
+        floats.push(&mut record.seconds);
+    }
+    floats
 }
 
 const CHECKPOINT_STATE: &str = "state.json";
@@ -469,7 +475,7 @@ fn run_fingerprint(
         "settings": settings,
         "variant": variant.as_str(),
         "train_queries": benchmark.train_queries.len() + benchmark.two_step_train_queries.len(),
-        "train_images": benchmark.train_pool.len(),
+        "train_images": benchmark.train_catalog.len(),
         "validation_queries": benchmark.validation_queries.len(),
         "image_dim": features.image_dim(),
         "text_dim": features.text_dim(),
@@ -507,9 +513,15 @@ fn save_checkpoint(
         .map_err(|error| TrainerError::io("failed to rename", &partial, error))?;
     let state_path = dir.join(CHECKPOINT_STATE);
     let partial_state = dir.join(format!("{CHECKPOINT_STATE}.partial"));
+    let mut saved = state.clone();
+    let float_bits = state_floats(&mut saved)
+        .into_iter()
+        .map(|value| value.to_bits())
+        .collect();
     let json = serde_json::to_vec_pretty(&CheckpointFile {
         fingerprint: fingerprint.to_owned(),
-        state: state.clone(),
+        state: saved,
+        float_bits,
     })
     .map_err(|error| TrainerError::InvalidInput(error.to_string()))?;
     std::fs::write(&partial_state, json)
@@ -536,12 +548,20 @@ fn load_checkpoint(
     }
     let bytes = std::fs::read(&state_path)
         .map_err(|error| TrainerError::io("failed to read", &state_path, error))?;
-    let file: CheckpointFile = serde_json::from_slice(&bytes).map_err(|error| {
+    let mut file: CheckpointFile = serde_json::from_slice(&bytes).map_err(|error| {
         TrainerError::InvalidInput(format!(
             "checkpoint state {} is not valid: {error}",
             state_path.display()
         ))
     })?;
+    let floats = state_floats(&mut file.state);
+    if floats.len() == file.float_bits.len() {
+        for (value, bits) in floats.into_iter().zip(&file.float_bits) {
+            *value = f64::from_bits(*bits);
+        }
+    } else {
+        tracing::warn!(path = %state_path.display(), "checkpoint has no exact float values; resumed figures may differ in the last digit");
+    }
     if file.fingerprint != fingerprint {
         return Err(TrainerError::InvalidInput(format!(
             "the checkpoint in {} was written with other settings or data; rerun with the same \
@@ -623,27 +643,13 @@ fn validate(settings: &TrainSettings, benchmark: &Benchmark) -> Result<()> {
     Ok(())
 }
 
-fn colour(benchmark: &Benchmark, index: usize) -> Colour {
-    densebert4ret_datasets::colour_of(benchmark.data.train.split(), index)
-}
-
-/// Feature-matrix rows of the training images, grouped by (class, colour) code.
-fn positive_rows_by_target(benchmark: &Benchmark) -> Result<HashMap<i64, Vec<i64>>> {
-    let mut groups = HashMap::new();
-    for class in FashionClass::ALL {
-        for colour in Colour::ALL {
-            let rows = benchmark
-                .train_index
-                .items(class, colour)
-                .iter()
-                .map(|&index| benchmark.pool_row(index).map(|row| row as i64))
-                .collect::<Result<Vec<i64>>>()?;
-            if !rows.is_empty() {
-                groups.insert(densebert4ret_datasets::attribute_code(class, colour), rows);
-            }
-        }
+/// Feature-matrix rows of the training images, grouped by attribute key.
+fn positive_rows_by_target(benchmark: &Benchmark) -> HashMap<i64, Vec<i64>> {
+    let mut groups: HashMap<i64, Vec<i64>> = HashMap::new();
+    for (row, item) in benchmark.train_catalog.iter().enumerate() {
+        groups.entry(item.key).or_default().push(row as i64);
     }
-    Ok(groups)
+    groups
 }
 
 /// Image input of the fusion MLP: the reference features, or zeros for the text-only variant.

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use common::{benchmark, settings, synthetic_features};
 use densebert4ret_model::join_modifications;
-use densebert4ret_trainer::evaluate::{evaluate_queries, Method, TrainedSet};
+use densebert4ret_trainer::evaluate::{evaluate_benchmark, Method, TrainedSet};
 use densebert4ret_trainer::heads::{CompositionKind, Heads};
 use densebert4ret_trainer::loss::{soft_triplet_loss, triplet_loss, Loss, Mining};
 use densebert4ret_trainer::optim::{Optimizer, OptimizerKind};
@@ -348,15 +348,8 @@ fn same_seed_gives_identical_metrics() {
             text_only: &text_only.heads,
             tirg: Some(&tirg.heads),
         };
-        let single =
-            evaluate_queries(&benchmark, &features, &benchmark.test_queries, &set).unwrap();
-        let two_step = evaluate_queries(
-            &benchmark,
-            &features,
-            &benchmark.two_step_test_queries,
-            &set,
-        )
-        .unwrap();
+        let evaluation = evaluate_benchmark(&benchmark, &features, &set).unwrap();
+        let (single, two_step) = (evaluation.single_step, evaluation.two_step);
         // Epoch records without their wall times.
         let curve: Vec<(f64, f64)> = fusion
             .history
@@ -378,11 +371,12 @@ fn same_seed_gives_identical_metrics() {
 fn two_step_queries_join_texts_in_order() {
     let benchmark = benchmark(300);
     assert_eq!(benchmark.two_step_train_queries.len(), 300);
-    assert_eq!(benchmark.two_step_test_queries.len(), 300);
+    let two_step_test = benchmark.two_step_set().unwrap();
+    assert_eq!(two_step_test.queries.len(), 300);
     for query in benchmark
         .two_step_train_queries
         .iter()
-        .chain(&benchmark.two_step_test_queries)
+        .chain(&two_step_test.queries)
     {
         assert_eq!(query.texts.len(), 2, "{query:?}");
         assert_eq!(query.text, join_modifications(&query.texts));
@@ -424,14 +418,8 @@ fn evaluation_files_parse_and_decode() {
         text_only: &text_only.heads,
         tirg: Some(&tirg.heads),
     };
-    let single = evaluate_queries(&benchmark, &features, &benchmark.test_queries, &set).unwrap();
-    let two_step = evaluate_queries(
-        &benchmark,
-        &features,
-        &benchmark.two_step_test_queries,
-        &set,
-    )
-    .unwrap();
+    let evaluation = evaluate_benchmark(&benchmark, &features, &set).unwrap();
+    let (single, two_step) = (evaluation.single_step, evaluation.two_step);
     assert_eq!(single.len(), Method::ALL.len());
     assert_eq!(two_step.len(), Method::ALL.len());
     for result in single.iter().chain(&two_step) {
@@ -462,6 +450,7 @@ fn evaluation_files_parse_and_decode() {
         seed: settings.seed,
         methods: by_key(&single),
         two_step_methods: by_key(&two_step),
+        per_set_methods: BTreeMap::new(),
         training: BTreeMap::from([
             ("fusion".to_owned(), summary(&fusion)),
             ("text_only".to_owned(), summary(&text_only)),
@@ -470,22 +459,23 @@ fn evaluation_files_parse_and_decode() {
         timings_seconds: BTreeMap::new(),
         feature_cache: "synthetic".to_owned(),
         counts: DataCounts {
-            train_images: benchmark.train_pool.len(),
+            train_images: benchmark.train_catalog.len(),
             train_queries: benchmark.train_queries.len(),
             two_step_train_queries: benchmark.two_step_train_queries.len(),
             validation_queries: benchmark.validation_queries.len(),
-            test_queries: benchmark.test_queries.len(),
-            two_step_test_queries: benchmark.two_step_test_queries.len(),
-            catalog_images: benchmark.data.test.len(),
+            test_queries: benchmark.test_query_count(),
+            two_step_test_queries: benchmark.two_step_test_query_count(),
+            catalog_images: benchmark.catalog_image_count(),
             texts: benchmark.texts.len() + benchmark.two_step_texts.len(),
         },
         config: RecordedConfig {
             benchmark: densebert4ret_trainer::benchmark::BenchmarkConfig {
+                dataset: densebert4ret_datasets::DatasetSpec::FmnistColours { dir: None },
                 data_dir: densebert4ret_datasets::default_data_dir(),
-                train_images: 1_200,
+                train_images: Some(1_200),
                 train_queries: 2_000,
                 validation_queries: 200,
-                test_queries: 300,
+                test_queries: Some(300),
                 seed: 9,
                 two_step_train_queries: 150,
                 two_step_test_queries: 150,
@@ -547,19 +537,12 @@ fn evaluation_files_parse_and_decode() {
 
 #[test]
 fn evaluate_rejects_bad_inputs() {
-    use densebert4ret_trainer::offline::{evaluate_model_dir, Dataset, EvaluateConfig};
-
-    assert_eq!(
-        "fmnist-colours".parse::<Dataset>(),
-        Ok(Dataset::FmnistColours)
-    );
-    let error = "fashion-iq".parse::<Dataset>().unwrap_err();
-    assert!(error.contains("fashion-iq"), "{error}");
+    use densebert4ret_trainer::offline::{evaluate_model_dir, EvaluateConfig};
 
     let dir = tempfile::tempdir().unwrap();
     let config = EvaluateConfig {
         model_dir: dir.path().join("missing-model"),
-        dataset: Dataset::FmnistColours,
+        dataset: None,
         cache_dir: dir.path().join("cache"),
         output_dir: dir.path().join("evaluation"),
         data_dir: None,

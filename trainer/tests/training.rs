@@ -8,11 +8,11 @@
 use std::collections::HashMap;
 
 use densebert4ret_datasets::{
-    colour_of, default_data_dir, Colour, FashionClass, QueryKind, SplitData,
+    default_data_dir, BenchmarkItem, Colour, DatasetSpec, FashionClass, QueryKind,
 };
 use densebert4ret_model::{HeadConfig, InputNorm};
 use densebert4ret_trainer::benchmark::{Benchmark, BenchmarkConfig};
-use densebert4ret_trainer::evaluate::{evaluate_test, Method};
+use densebert4ret_trainer::evaluate::{evaluate_benchmark, Method, TrainedSet};
 use densebert4ret_trainer::features::Features;
 use densebert4ret_trainer::loss::{Loss, Mining};
 use densebert4ret_trainer::optim::OptimizerKind;
@@ -27,11 +27,12 @@ const WIDTH: i64 = CLASSES + COLOURS;
 
 fn benchmark() -> Benchmark {
     Benchmark::build(&BenchmarkConfig {
+        dataset: DatasetSpec::FmnistColours { dir: None },
         data_dir: default_data_dir(),
-        train_images: 1_500,
+        train_images: Some(1_500),
         train_queries: 3_000,
         validation_queries: 300,
-        test_queries: 300,
+        test_queries: Some(300),
         seed: 5,
         two_step_train_queries: 0,
         two_step_test_queries: 0,
@@ -39,20 +40,16 @@ fn benchmark() -> Benchmark {
     .expect("Fashion-MNIST files under DB4R_FASHION_MNIST_DIR or /usr/share/datasets/fashion-mnist")
 }
 
-fn image_codes(data: &SplitData, indices: &[usize]) -> Tensor {
-    let mut values = vec![0f32; indices.len() * WIDTH as usize];
-    for (row, &index) in indices.iter().enumerate() {
-        let class = data.class(index).unwrap().label() as usize;
-        let colour = colour_of(data.split(), index).index();
+fn image_codes(items: &[BenchmarkItem]) -> Tensor {
+    let mut values = vec![0f32; items.len() * WIDTH as usize];
+    for (row, item) in items.iter().enumerate() {
+        let class = (item.key / COLOURS) as usize;
+        let colour = (item.key % COLOURS) as usize;
         values[row * WIDTH as usize + class] = 1.0;
         values[row * WIDTH as usize + CLASSES as usize + colour] = 1.0;
     }
-    let clean = Tensor::from_slice(&values).view([indices.len() as i64, WIDTH]);
-    clean
-        + Tensor::randn(
-            [indices.len() as i64, WIDTH],
-            (Kind::Float, tch::Device::Cpu),
-        ) * 0.05
+    let clean = Tensor::from_slice(&values).view([items.len() as i64, WIDTH]);
+    clean + Tensor::randn([items.len() as i64, WIDTH], (Kind::Float, tch::Device::Cpu)) * 0.05
 }
 
 fn synthetic_features(benchmark: &Benchmark) -> Features {
@@ -60,32 +57,32 @@ fn synthetic_features(benchmark: &Benchmark) -> Features {
     // tests also draw from.
     let _generator = generator_lock();
     tch::manual_seed(3);
-    let test_indices: Vec<usize> = (0..benchmark.data.test.len()).collect();
-
-    let mut named: HashMap<usize, (Option<FashionClass>, Option<Colour>)> = HashMap::new();
+    let mut named: HashMap<usize, (Option<usize>, Option<usize>)> = HashMap::new();
     let queries = benchmark
         .train_queries
         .iter()
         .chain(&benchmark.validation_queries)
-        .chain(&benchmark.test_queries);
+        .chain(&benchmark.test_sets[0].queries);
     for query in queries {
-        let class = query.kind.changes_class().then_some(query.target_class);
-        let colour = query.kind.changes_colour().then_some(query.target_colour);
+        let class = (query.kind == "class" || query.kind == "both")
+            .then_some((query.target / COLOURS) as usize);
+        let colour = (query.kind == "colour" || query.kind == "both")
+            .then_some((query.target % COLOURS) as usize);
         named.insert(benchmark.text_row(&query.text).unwrap(), (class, colour));
     }
     let mut text_values = vec![0f32; benchmark.texts.len() * WIDTH as usize];
     for (row, (class, colour)) in named {
         if let Some(class) = class {
-            text_values[row * WIDTH as usize + class.label() as usize] = 1.0;
+            text_values[row * WIDTH as usize + class] = 1.0;
         }
         if let Some(colour) = colour {
-            text_values[row * WIDTH as usize + CLASSES as usize + colour.index()] = 1.0;
+            text_values[row * WIDTH as usize + CLASSES as usize + colour] = 1.0;
         }
     }
 
     Features {
-        train_images: image_codes(&benchmark.data.train, &benchmark.train_pool),
-        test_images: image_codes(&benchmark.data.test, &test_indices),
+        train_images: image_codes(&benchmark.train_catalog),
+        test_images: vec![image_codes(&benchmark.test_catalogs[0])],
         texts: Tensor::from_slice(&text_values).view([benchmark.texts.len() as i64, WIDTH]),
     }
 }
@@ -137,7 +134,14 @@ fn fusion_learns_to_compose() {
         fusion.history
     );
 
-    let results = evaluate_test(&benchmark, &features, &fusion.heads, &text_only.heads).unwrap();
+    let trained = TrainedSet {
+        fusion: &fusion.heads,
+        text_only: &text_only.heads,
+        tirg: None,
+    };
+    let results = evaluate_benchmark(&benchmark, &features, &trained)
+        .unwrap()
+        .single_step;
     let recall = |method: Method| {
         results
             .iter()
@@ -248,21 +252,22 @@ fn learning_rate_warms_up_then_decays() {
 #[test]
 fn benchmark_resolves_rows() {
     let benchmark = benchmark();
-    assert_eq!(benchmark.train_pool.len(), 1_500);
+    assert_eq!(benchmark.train_catalog.len(), 1_500);
     assert_eq!(benchmark.train_queries.len(), 3_000);
     assert_eq!(benchmark.validation_queries.len(), 300);
-    assert_eq!(benchmark.test_queries.len(), 300);
+    assert_eq!(benchmark.test_query_count(), 300);
+    let train_pool = &benchmark.fashion_mnist.as_ref().unwrap().train_pool;
+    assert_eq!(train_pool.len(), 1_500);
     for query in &benchmark.train_queries {
-        let row = benchmark.pool_row(query.reference).unwrap();
-        assert_eq!(benchmark.train_pool[row], query.reference);
+        let index = train_pool[query.reference];
+        assert_eq!(
+            benchmark.train_catalog[query.reference].id,
+            format!("fmnist-train-{index:05}")
+        );
         assert_eq!(
             benchmark.texts[benchmark.text_row(&query.text).unwrap()],
             query.text
         );
     }
     assert!(benchmark.text_row("not a benchmark text").is_err());
-    let outside = (0..60_000)
-        .find(|index| benchmark.train_pool.binary_search(index).is_err())
-        .unwrap();
-    assert!(benchmark.pool_row(outside).is_err());
 }

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use densebert4ret_datasets::{colour_of, default_data_dir, Colour, FashionClass, SplitData};
+use densebert4ret_datasets::{default_data_dir, BenchmarkItem, Colour, DatasetSpec, FashionClass};
 use densebert4ret_model::{HeadConfig, InputNorm};
 use densebert4ret_trainer::benchmark::{Benchmark, BenchmarkConfig};
 use densebert4ret_trainer::features::Features;
@@ -28,11 +28,12 @@ pub const WIDTH: i64 = CLASSES + COLOURS;
 /// A benchmark of 1,200 training images with `two_step` two-step training and test queries.
 pub fn benchmark(two_step: usize) -> Benchmark {
     Benchmark::build(&BenchmarkConfig {
+        dataset: DatasetSpec::FmnistColours { dir: None },
         data_dir: default_data_dir(),
-        train_images: 1_200,
+        train_images: Some(1_200),
         train_queries: 2_000,
         validation_queries: 200,
-        test_queries: 300,
+        test_queries: Some(300),
         seed: 9,
         two_step_train_queries: two_step,
         two_step_test_queries: two_step,
@@ -40,65 +41,58 @@ pub fn benchmark(two_step: usize) -> Benchmark {
     .expect("Fashion-MNIST files under DB4R_FASHION_MNIST_DIR or /usr/share/datasets/fashion-mnist")
 }
 
-fn image_codes(data: &SplitData, indices: &[usize]) -> Tensor {
-    let mut values = vec![0f32; indices.len() * WIDTH as usize];
-    for (row, &index) in indices.iter().enumerate() {
-        let class = data.class(index).unwrap().label() as usize;
-        let colour = colour_of(data.split(), index).index();
+/// Class label and colour index of a Fashion-MNIST colours attribute key.
+pub fn split_key(key: i64) -> (usize, usize) {
+    ((key / COLOURS) as usize, (key % COLOURS) as usize)
+}
+
+fn image_codes(items: &[BenchmarkItem]) -> Tensor {
+    let mut values = vec![0f32; items.len() * WIDTH as usize];
+    for (row, item) in items.iter().enumerate() {
+        let (class, colour) = split_key(item.key);
         values[row * WIDTH as usize + class] = 1.0;
         values[row * WIDTH as usize + CLASSES as usize + colour] = 1.0;
     }
     // Noise from a seeded ChaCha generator, not libtorch's process-wide one, which tests
     // running in parallel would share with the trainings of other tests.
-    let mut rng = ChaCha8Rng::seed_from_u64(indices.len() as u64);
+    let mut rng = ChaCha8Rng::seed_from_u64(items.len() as u64);
     for value in &mut values {
         *value += rng.gen_range(-0.1f32..0.1);
     }
-    Tensor::from_slice(&values).view([indices.len() as i64, WIDTH])
+    Tensor::from_slice(&values).view([items.len() as i64, WIDTH])
 }
 
 /// Synthetic features whose rows line up with `benchmark`, two-step texts included.
 pub fn synthetic_features(benchmark: &Benchmark) -> Features {
-    let test_indices: Vec<usize> = (0..benchmark.data.test.len()).collect();
-
-    let mut named: HashMap<usize, (Option<FashionClass>, Option<Colour>)> = HashMap::new();
+    // A two-step query's kind is the net change of its steps, so it names every attribute
+    // the steps set.
+    let mut named: HashMap<usize, (Option<usize>, Option<usize>)> = HashMap::new();
     let queries = benchmark
         .train_queries
         .iter()
         .chain(&benchmark.validation_queries)
-        .chain(&benchmark.test_queries)
         .chain(&benchmark.two_step_train_queries)
-        .chain(&benchmark.two_step_test_queries);
+        .chain(benchmark.test_sets.iter().flat_map(|set| &set.queries));
     for query in queries {
-        let kinds = if query.step_kinds.is_empty() {
-            vec![query.kind]
-        } else {
-            query.step_kinds.clone()
-        };
-        let class = kinds
-            .iter()
-            .any(|kind| kind.changes_class())
-            .then_some(query.target_class);
-        let colour = kinds
-            .iter()
-            .any(|kind| kind.changes_colour())
-            .then_some(query.target_colour);
+        let (class, colour) = split_key(query.target);
+        let class = (query.kind == "class" || query.kind == "both").then_some(class);
+        let colour = (query.kind == "colour" || query.kind == "both").then_some(colour);
         named.insert(benchmark.text_row(&query.text).unwrap(), (class, colour));
     }
     let rows = benchmark.texts.len() + benchmark.two_step_texts.len();
     let mut text_values = vec![0f32; rows * WIDTH as usize];
     for (row, (class, colour)) in named {
         if let Some(class) = class {
-            text_values[row * WIDTH as usize + class.label() as usize] = 1.0;
+            text_values[row * WIDTH as usize + class] = 1.0;
         }
         if let Some(colour) = colour {
-            text_values[row * WIDTH as usize + CLASSES as usize + colour.index()] = 1.0;
+            text_values[row * WIDTH as usize + CLASSES as usize + colour] = 1.0;
         }
     }
 
     Features {
-        train_images: image_codes(&benchmark.data.train, &benchmark.train_pool),
-        test_images: image_codes(&benchmark.data.test, &test_indices),
+        train_images: image_codes(&benchmark.train_catalog),
+        test_images: vec![image_codes(&benchmark.test_catalogs[0])],
         texts: Tensor::from_slice(&text_values).view([rows as i64, WIDTH]),
     }
 }
