@@ -3,16 +3,16 @@
 //! their published layouts, and easy-VQA shapes from its packaged data. Each run
 //! must write a metrics file with the Recall@K cut-offs of the dataset's protocol.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use densebert4ret_datasets::{default_data_dir, DatasetSpec};
-use densebert4ret_model::{HeadConfig, ImageArchitecture, InputNorm, Pooling};
+use densebert4ret_model::{HeadConfig, ImageArchitecture, Pooling};
 use densebert4ret_trainer::benchmark::BenchmarkConfig;
 use densebert4ret_trainer::evaluate::Method;
 use densebert4ret_trainer::features::FeatureSpec;
-use densebert4ret_trainer::loss::{Loss, Mining};
 use densebert4ret_trainer::offline::{evaluate_model_dir, EvaluateConfig};
-use densebert4ret_trainer::optim::OptimizerKind;
 use densebert4ret_trainer::report::{Metrics, METRICS_FILE};
 use densebert4ret_trainer::run::{run, RunConfig};
 use densebert4ret_trainer::train::TrainSettings;
@@ -168,26 +168,15 @@ fn tiny_config(dataset: DatasetSpec, work: &Path) -> RunConfig {
             pooling: Pooling::Mean,
         },
         training: TrainSettings {
-            epochs: 2,
             batch_size: 4,
             learning_rate: 1e-3,
-            warmup_fraction: 0.05,
-            final_learning_rate_fraction: 0.01,
-            optimizer: OptimizerKind::AdamW,
-            weight_decay: 1e-4,
-            loss: Loss::Triplet,
-            margin: 0.2,
-            mining: Mining::All,
-            soft_triplet_scale: 10.0,
-            patience: 0,
             seed: 11,
             head: HeadConfig {
-                weights: "head.safetensors".into(),
                 hidden_dim: 32,
                 joint_dim: 16,
-                dropout: 0.1,
-                input_norm: InputNorm::LayerNorm,
+                ..common::settings(2).head
             },
+            ..common::settings(2)
         },
         cache_dir: work.join("cache"),
         output_dir: work.join("model"),
