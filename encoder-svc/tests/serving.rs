@@ -35,9 +35,14 @@ impl Drop for Encoder {
     }
 }
 
+/// Returns the trained model to serve: `ENCODER__MODEL_DIR`, else
+/// `DB4R_MODEL_DIR` (which the test script sets to the model it trained),
+/// else the default model of the set-up script.
 fn model_dir() -> PathBuf {
-    if let Ok(dir) = std::env::var("ENCODER__MODEL_DIR") {
-        return PathBuf::from(dir);
+    for variable in ["ENCODER__MODEL_DIR", "DB4R_MODEL_DIR"] {
+        if let Ok(dir) = std::env::var(variable) {
+            return PathBuf::from(dir);
+        }
     }
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../artifacts/models/fmnist-colours")
 }
@@ -69,7 +74,7 @@ impl Encoder {
             command.env(format!("ENCODER__{name}"), value);
         }
         let child = command.spawn().expect("spawn encoder-svc");
-        let encoder = Self {
+        let mut encoder = Self {
             child,
             address: format!("http://127.0.0.1:{port}"),
             metrics_address: format!("127.0.0.1:{metrics_port}"),
@@ -80,8 +85,12 @@ impl Encoder {
         encoder
     }
 
-    async fn wait_serving(&self) {
+    async fn wait_serving(&mut self) {
         for _ in 0..600 {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                panic!("encoder-svc exited with {status} before reporting SERVING; its log:\n{log}");
+            }
             if let Ok(channel) = Endpoint::from_shared(self.address.clone()).expect("endpoint").connect().await {
                 let response = HealthClient::new(channel)
                     .check(HealthCheckRequest { service: "densebert4ret.v1.Encoder".into() })
@@ -284,12 +293,18 @@ async fn expired_and_cancelled_requests_never_run() {
     assert_eq!(encoder.metric("encoder_dropped_total", &[("reason", "deadline")]), 1.0);
 
     // Keep the single worker busy with 200 one-image batches.
+    let images_before = encoder.metric("encoder_inferred_total", &[("kind", "image")]);
     let mut busy_client = client.clone();
     let busy = tokio::spawn(async move {
         busy_client.embed_images(EmbedImagesRequest { images: (0..200).map(|seed| png(seed as u8)).collect() }).await
     });
     let waited = Instant::now();
-    while encoder.metric("encoder_queue_depth", &[]) < 50.0 {
+    // Queue depth counts admitted items, which are still being preprocessed
+    // at first. The handler submits all 200 before the worker finishes one,
+    // so a finished image means every busy image is in the queue.
+    while encoder.metric("encoder_inferred_total", &[("kind", "image")]) <= images_before
+        || encoder.metric("encoder_queue_depth", &[]) < 50.0
+    {
         assert!(waited.elapsed() < Duration::from_secs(60), "the busy request never filled the queue");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
