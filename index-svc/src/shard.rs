@@ -428,6 +428,10 @@ impl Shard {
     /// Returns the `k` best items for each query, best first, leaving out
     /// `exclude_ids`. A shard without items returns an empty list per query.
     /// `params` sets nprobe (IVF) and efSearch (HNSW) for this search only.
+    ///
+    /// NOTE: over gRPC this serves 0.2x to 0.5x of faiss-cpu's QPS at equal
+    /// recall (index-bench in docs/BENCHMARKS.md). The cost around the FAISS
+    /// call has not been profiled.
     pub fn search(
         &self,
         queries: &[Vec<f32>],
