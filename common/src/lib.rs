@@ -1,9 +1,11 @@
 //! Helpers shared by the densebert4ret services: layered configuration,
 //! logging set-up and graceful shutdown.
 
+pub mod grpc;
 pub mod settings;
 pub mod telemetry;
 
+pub use grpc::code_name;
 pub use settings::load_settings;
 pub use telemetry::init_tracing;
 
