@@ -3,7 +3,7 @@
 //! A multi-turn query ("make it blue", then "as a dress") is composed by
 //! joining its texts, in the order they were applied, into one sentence
 //! sequence. The text encoder attends over the whole sequence, so a later
-//! text can override an earlier one ("in blue. in red" asks for red), and the
+//! text can override an earlier one ("in blue. in red" requests red), and the
 //! fusion head receives a single text embedding. Training on two-step
 //! queries joined the same way teaches the model that order.
 

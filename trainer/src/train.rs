@@ -413,7 +413,7 @@ static GENERATOR_LOCK: Mutex<()> = Mutex::new(());
 
 /// Takes the lock that trainings hold while they draw from libtorch's process-wide random
 /// generator. Code that seeds or draws from that generator (`tch::manual_seed`,
-/// `Tensor::randn`, fresh heads) in parallel with a training holds it too, so that the
+/// `Tensor::randn`, fresh heads) in parallel with a training takes it too, so that the
 /// training stays reproducible.
 pub fn generator_lock() -> MutexGuard<'static, ()> {
     GENERATOR_LOCK
@@ -533,7 +533,7 @@ fn save_checkpoint(
 }
 
 /// Loads the checkpoint in `dir` into the heads and optimiser, or returns `None` when the
-/// directory holds none.
+/// directory contains none.
 fn load_checkpoint(
     dir: &Path,
     fingerprint: &str,

@@ -178,7 +178,7 @@ type QuestionEntry = (String, String, usize);
 /// the triangle?" answered "blue") names the answer's attribute and
 /// presupposes every attribute word in the question. A yes/no question names
 /// one attribute word ("is there not a red shape?") and, with "not" or "no"
-/// reversing it, says the image has or lacks that value.
+/// reversing it, states whether the image has that value.
 fn add_facts(
     evidence: &mut ImageEvidence,
     question: &str,

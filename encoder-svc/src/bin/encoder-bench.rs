@@ -463,7 +463,7 @@ async fn overload(args: &Args, images: &Arc<Vec<Vec<u8>>>) -> anyhow::Result<()>
                 let outcome = client.embed_query(request).await.map(|_| ()).map_err(|status| status.code());
                 samples.push((sent.elapsed(), outcome));
                 if outcome == Err(tonic::Code::ResourceExhausted) {
-                    // Back off as the rejection message asks, instead of retrying in a tight loop.
+                    // Back off as the rejection message recommends, instead of retrying in a tight loop.
                     tokio::time::sleep(BACKOFF).await;
                 }
             }
