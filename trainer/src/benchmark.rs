@@ -1,9 +1,9 @@
 //! The training and evaluation data of one run, in one form for every dataset.
 //!
 //! Fashion-MNIST colours keeps its own construction: a seeded subset of the
-//! train split with train-phrasing queries, held-out validation queries from
-//! the same draw, and the test split as the catalog of the test and two-step
-//! queries. Every other dataset comes from the datasets crate's
+//! train split with train-phrasing queries, validation queries over other
+//! train-split images that training never uses, and the test split as the
+//! catalog of the test and two-step queries. Every other dataset comes from the datasets crate's
 //! [`RetrievalBenchmark`]: its training set, with the last
 //! `validation_queries` training queries held out, and its test query sets.
 //! Both end up as catalogs of [`BenchmarkItem`]s and queries that point at
@@ -47,8 +47,14 @@ pub struct BenchmarkConfig {
     pub train_images: Option<usize>,
     /// Training queries, drawn over the training images.
     pub train_queries: usize,
-    /// Queries held out from the same draw for validation.
+    /// Validation queries: over `validation_images` unseen train-split images when that is
+    /// set, else held out from the training draw.
     pub validation_queries: usize,
+    /// Fashion-MNIST colours: train-split images outside the training subset that form the
+    /// validation catalog. 0, the value of metrics files written before this field existed,
+    /// takes the validation queries out of the training draw over the training images.
+    #[serde(default)]
+    pub validation_images: usize,
     /// Single-step test queries of an offline benchmark; `None` is the benchmark's standard
     /// set. The published datasets use their published test queries.
     pub test_queries: Option<usize>,
@@ -119,12 +125,15 @@ pub struct Benchmark {
     pub train_catalog: Vec<BenchmarkItem>,
     /// Training queries over `train_catalog`, two-step queries excluded.
     pub train_queries: Vec<RowQuery>,
-    /// Held-out queries over `train_catalog`.
+    /// Validation queries over `validation_catalog`, or over `train_catalog` when there is
+    /// none.
     ///
-    /// NOTE: their reference and relevant images are training images, so the validation
-    /// recall reads higher than the test recall; a split over unseen train-split images
-    /// would need their backbone features in the cache too.
+    /// NOTE: without a validation catalog (easy-VQA and the published datasets, whose train
+    /// splits all go into training) these are held-out queries over training images, so the
+    /// validation recall reads higher than the test recall.
     pub validation_queries: Vec<RowQuery>,
+    /// Train-split images that training never uses, searched by the validation queries.
+    pub validation_catalog: Option<Vec<BenchmarkItem>>,
     /// Two-step training queries over `train_catalog`, texts joined in order.
     pub two_step_train_queries: Vec<RowQuery>,
     /// Distinct catalogs of the test sets; the offline benchmarks share one.
@@ -161,6 +170,13 @@ impl Benchmark {
     /// Attribute keys of the training catalog, row by row.
     pub fn train_codes(&self) -> Vec<i64> {
         self.train_catalog.iter().map(|item| item.key).collect()
+    }
+
+    /// Catalog the validation queries search: the validation catalog, else the training one.
+    pub fn validation_items(&self) -> &[BenchmarkItem] {
+        self.validation_catalog
+            .as_deref()
+            .unwrap_or(&self.train_catalog)
     }
 
     /// Single-step test sets: every set but the two-step one.
@@ -239,13 +255,43 @@ fn build_fashion_mnist(config: &BenchmarkConfig) -> Result<Benchmark> {
         .map(|(row, &index)| (index, row))
         .collect();
 
-    let query_config = QueryConfig {
-        count: config.train_queries + config.validation_queries,
-        phrasing: Phrasing::Train,
-        seed: config.seed.wrapping_add(1),
+    let (train_queries, validation) = if config.validation_images == 0 {
+        // The scheme of metrics files written before validation images existed: one draw,
+        // its tail held out.
+        let query_config = QueryConfig {
+            count: config.train_queries + config.validation_queries,
+            phrasing: Phrasing::Train,
+            seed: config.seed.wrapping_add(1),
+        };
+        let mut train_queries = generate_queries(&data.train, &train_pool, &query_config)?;
+        let validation_queries = train_queries.split_off(config.train_queries);
+        (train_queries, Validation::HeldOut(validation_queries))
+    } else {
+        let query_config = QueryConfig {
+            count: config.train_queries,
+            phrasing: Phrasing::Train,
+            seed: config.seed.wrapping_add(1),
+        };
+        let train_queries = generate_queries(&data.train, &train_pool, &query_config)?;
+        let pool = unseen_indices(
+            data.train.len(),
+            &train_pool,
+            config.validation_images,
+            config.seed.wrapping_add(VALIDATION_POOL_SEED_OFFSET),
+        )?;
+        // Train phrasings: the test phrasings stay unseen until the test, so that model
+        // selection cannot favour them.
+        let queries = generate_queries(
+            &data.train,
+            &pool,
+            &QueryConfig {
+                count: config.validation_queries,
+                phrasing: Phrasing::Train,
+                seed: config.seed.wrapping_add(VALIDATION_QUERY_SEED_OFFSET),
+            },
+        )?;
+        (train_queries, Validation::Unseen { pool, queries })
     };
-    let mut train_queries = generate_queries(&data.train, &train_pool, &query_config)?;
-    let validation_queries = train_queries.split_off(config.train_queries);
 
     let test_count = config.test_queries.unwrap_or(DEFAULT_TEST_QUERY_COUNT);
     let test_queries = if test_count == DEFAULT_TEST_QUERY_COUNT {
@@ -320,13 +366,37 @@ fn build_fashion_mnist(config: &BenchmarkConfig) -> Result<Benchmark> {
             queries: test_rows(&two_step_test_queries),
         });
     }
+    let (validation_queries, validation_catalog) = match &validation {
+        Validation::HeldOut(queries) => (train_rows(queries)?, None),
+        Validation::Unseen { pool, queries } => {
+            let rows: HashMap<usize, usize> = pool
+                .iter()
+                .enumerate()
+                .map(|(row, &index)| (index, row))
+                .collect();
+            let queries = queries
+                .iter()
+                .map(|query| {
+                    let row = rows.get(&query.reference).copied().ok_or_else(|| {
+                        TrainerError::InvalidInput(format!(
+                            "train image {} is not in the validation subset",
+                            query.reference
+                        ))
+                    })?;
+                    Ok(fashion_mnist_row_query(query, row))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            (queries, Some(fashion_mnist_items(&data.train, pool)?))
+        }
+    };
     let benchmark = Benchmark {
         spec: config.dataset.clone(),
         protocol: config.dataset.protocol(),
         images: ImageLoader::new(Some(Arc::clone(&data))),
         train_catalog: fashion_mnist_items(&data.train, &train_pool)?,
         train_queries: train_rows(&train_queries)?,
-        validation_queries: train_rows(&validation_queries)?,
+        validation_queries,
+        validation_catalog,
         two_step_train_queries: train_rows(&two_step_train_queries)?,
         test_catalogs: vec![fashion_mnist_items(&data.test, &test_pool)?],
         test_sets,
@@ -339,6 +409,41 @@ fn build_fashion_mnist(config: &BenchmarkConfig) -> Result<Benchmark> {
         text_rows: HashMap::new(),
     };
     Ok(benchmark.with_texts())
+}
+
+/// Offset of the validation image draw from the run seed; 1 and 2 seed the training queries.
+const VALIDATION_POOL_SEED_OFFSET: u64 = 3;
+/// Offset of the validation query draw from the run seed.
+const VALIDATION_QUERY_SEED_OFFSET: u64 = 4;
+
+/// Validation queries of Fashion-MNIST colours.
+enum Validation {
+    /// Held out from the training draw, over the training images.
+    HeldOut(Vec<Query>),
+    /// Over `pool`, sorted train-split indices outside the training subset.
+    Unseen {
+        pool: Vec<usize>,
+        queries: Vec<Query>,
+    },
+}
+
+/// Draws `count` sorted indices below `len` that are not in the sorted `excluded`.
+fn unseen_indices(len: usize, excluded: &[usize], count: usize, seed: u64) -> Result<Vec<usize>> {
+    let free: Vec<usize> = (0..len)
+        .filter(|index| excluded.binary_search(index).is_err())
+        .collect();
+    if count > free.len() {
+        return Err(TrainerError::InvalidInput(format!(
+            "--validation-images is {count}, but only {} train-split images are left outside \
+             the {} training images; lower --validation-images or --train-images",
+            free.len(),
+            excluded.len()
+        )));
+    }
+    Ok(sample_indices(free.len(), count, seed)?
+        .into_iter()
+        .map(|position| free[position])
+        .collect())
 }
 
 fn fashion_mnist_row_query(query: &Query, reference: usize) -> RowQuery {
@@ -449,6 +554,7 @@ fn build_retrieval(spec: &DatasetSpec, config: &BenchmarkConfig) -> Result<Bench
         train_catalog: loaded.train.catalog,
         train_queries: single_step,
         validation_queries,
+        validation_catalog: None,
         two_step_train_queries,
         test_catalogs,
         test_sets,

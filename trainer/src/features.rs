@@ -63,6 +63,9 @@ pub struct Features {
     pub test_images: Vec<Tensor>,
     /// `[texts.len(), text_dim]`, row `i` is `texts[i]`.
     pub texts: Tensor,
+    /// `[validation_catalog.len(), image_dim]` when the benchmark has a validation catalog;
+    /// row `i` is its item `i`.
+    pub validation_images: Option<Tensor>,
 }
 
 impl Features {
@@ -74,6 +77,14 @@ impl Features {
     /// Width of the text features.
     pub fn text_dim(&self) -> i64 {
         self.texts.size()[1]
+    }
+
+    /// Features of the catalog the validation queries search, in the rows of
+    /// [`Benchmark::validation_items`].
+    pub fn validation_catalog(&self) -> &Tensor {
+        self.validation_images
+            .as_ref()
+            .unwrap_or(&self.train_images)
     }
 }
 
@@ -138,7 +149,94 @@ pub fn load_or_compute(
         let extra = load_or_compute_texts(&benchmark.two_step_texts, spec, cache_dir)?;
         features.texts = Tensor::cat(&[&features.texts, &extra], 0);
     }
+    if let Some(items) = &benchmark.validation_catalog {
+        features.validation_images = Some(load_or_compute_images(
+            items,
+            &benchmark.images,
+            spec,
+            cache_dir,
+        )?);
+    }
     Ok((features, status, tensors_path))
+}
+
+/// Inputs that determine a cache file of extra image features.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct ImageCacheKey {
+    format: u32,
+    architecture: String,
+    image_weights_sha256: String,
+    image_size: u32,
+    items_sha256: String,
+}
+
+/// Loads or computes the image features of `items`, cached apart from the main features
+/// so that a new validation catalog never reruns the backbones over the others.
+fn load_or_compute_images(
+    items: &[BenchmarkItem],
+    loader: &ImageLoader,
+    spec: &FeatureSpec,
+    cache_dir: &Path,
+) -> Result<Tensor> {
+    let key = ImageCacheKey {
+        format: CACHE_FORMAT,
+        architecture: spec.architecture.as_str().to_owned(),
+        image_weights_sha256: sha256_file(&spec.image_weights)?,
+        image_size: spec.image_size,
+        items_sha256: catalog_sha256(items)?,
+    };
+    let key_json =
+        serde_json::to_vec(&key).map_err(|error| TrainerError::InvalidInput(error.to_string()))?;
+    let path = cache_dir.join(format!(
+        "images-{}.safetensors",
+        &sha256_hex(&key_json)[..16]
+    ));
+    if let Some(tensor) = read_single(&path, IMAGES, items.len())? {
+        tracing::info!(path = %path.display(), "loaded cached validation image features");
+        return Ok(tensor);
+    }
+    let backbones = Backbones::load(
+        spec.architecture,
+        &spec.image_weights,
+        &spec.text_dir,
+        spec.pooling,
+        "",
+        Device::Cpu,
+    )?;
+    let features = image_features(&backbones, loader, items, spec, "validation images")?;
+    write_single(cache_dir, &path, IMAGES, &features)?;
+    tracing::info!(path = %path.display(), images = items.len(), "wrote image feature cache");
+    Ok(features)
+}
+
+/// Reads the Float tensor `name` with `rows` rows from the cache file `path`, or returns
+/// `None` when the file does not exist.
+fn read_single(path: &Path, name: &str, rows: usize) -> Result<Option<Tensor>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let mut tensors = Tensor::read_safetensors(path)?;
+    if let Some(position) = tensors.iter().position(|(stored, _)| stored == name) {
+        let tensor = tensors.swap_remove(position).1;
+        if tensor.size().first() == Some(&(rows as i64)) && tensor.kind() == Kind::Float {
+            return Ok(Some(tensor));
+        }
+    }
+    Err(TrainerError::InvalidCache {
+        path: path.to_owned(),
+        reason: format!("expected a Float tensor {name} with {rows} rows"),
+    })
+}
+
+/// Writes `tensor` as `name` to `path` through a temporary file, so an interrupted run
+/// never leaves a cache file that looks complete.
+fn write_single(cache_dir: &Path, path: &Path, name: &str, tensor: &Tensor) -> Result<()> {
+    std::fs::create_dir_all(cache_dir)
+        .map_err(|error| TrainerError::io("failed to create", cache_dir, error))?;
+    let partial = path.with_extension(format!("safetensors.partial-{}", std::process::id()));
+    Tensor::write_safetensors(&[(name, tensor.shallow_clone())], &partial)?;
+    std::fs::rename(&partial, path)
+        .map_err(|error| TrainerError::io("failed to rename", &partial, error))
 }
 
 /// Inputs that determine a cache file of extra text features.
@@ -171,20 +269,9 @@ fn load_or_compute_texts(texts: &[String], spec: &FeatureSpec, cache_dir: &Path)
         "texts-{}.safetensors",
         &sha256_hex(&key_json)[..16]
     ));
-    if path.is_file() {
-        let mut tensors = Tensor::read_safetensors(&path)?;
-        if let Some(position) = tensors.iter().position(|(name, _)| name == TEXTS) {
-            let tensor = tensors.swap_remove(position).1;
-            if tensor.size().first() == Some(&(texts.len() as i64)) && tensor.kind() == Kind::Float
-            {
-                tracing::info!(path = %path.display(), "loaded cached text features");
-                return Ok(tensor);
-            }
-        }
-        return Err(TrainerError::InvalidCache {
-            path,
-            reason: format!("expected a Float tensor {TEXTS} with {} rows", texts.len()),
-        });
+    if let Some(tensor) = read_single(&path, TEXTS, texts.len())? {
+        tracing::info!(path = %path.display(), "loaded cached text features");
+        return Ok(tensor);
     }
 
     let backbones = Backbones::load(
@@ -196,12 +283,7 @@ fn load_or_compute_texts(texts: &[String], spec: &FeatureSpec, cache_dir: &Path)
         Device::Cpu,
     )?;
     let features = text_features(&backbones, texts, spec)?;
-    std::fs::create_dir_all(cache_dir)
-        .map_err(|error| TrainerError::io("failed to create", cache_dir, error))?;
-    let partial = path.with_extension(format!("safetensors.partial-{}", std::process::id()));
-    Tensor::write_safetensors(&[(TEXTS, features.shallow_clone())], &partial)?;
-    std::fs::rename(&partial, &path)
-        .map_err(|error| TrainerError::io("failed to rename", &partial, error))?;
+    write_single(cache_dir, &path, TEXTS, &features)?;
     tracing::info!(path = %path.display(), texts = texts.len(), "wrote text feature cache");
     Ok(features)
 }
@@ -314,6 +396,7 @@ fn compute(benchmark: &Benchmark, spec: &FeatureSpec) -> Result<Features> {
         train_images,
         test_images,
         texts,
+        validation_images: None,
     })
 }
 
@@ -368,6 +451,7 @@ fn text_features(backbones: &Backbones, texts: &[String], spec: &FeatureSpec) ->
 const TRAIN_IMAGES: &str = "train_images";
 const TEST_IMAGES: &str = "test_images";
 const TEXTS: &str = "texts";
+const IMAGES: &str = "images";
 
 /// Tensor name of test catalog `position`: `test_images` for the first, as caches
 /// written before there were several catalogs name it, then `test_images_1`, ...
@@ -472,5 +556,6 @@ fn read_cache(
         train_images,
         test_images,
         texts,
+        validation_images: None,
     })
 }

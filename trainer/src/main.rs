@@ -24,6 +24,7 @@ struct Preset {
     train_images: usize,
     train_queries: usize,
     validation_queries: usize,
+    validation_images: usize,
     image_size: u32,
     epochs: usize,
 }
@@ -34,6 +35,7 @@ const FULL: Preset = Preset {
     train_images: 20_000,
     train_queries: 30_000,
     validation_queries: 1_000,
+    validation_images: 2_000,
     image_size: 96,
     epochs: 10,
 };
@@ -46,6 +48,7 @@ const QUICK: Preset = Preset {
     train_images: 6_000,
     train_queries: 16_000,
     validation_queries: 500,
+    validation_images: 1_000,
     image_size: 96,
     epochs: 6,
 };
@@ -169,9 +172,17 @@ struct Args {
     #[arg(long)]
     train_queries: Option<usize>,
 
-    /// Held-out training queries for choosing the best epoch [default: 1000, quick: 500].
+    /// Validation queries for choosing the best epoch [default: 1000, quick: 500]. For
+    /// fmnist-colours they search --validation-images train-split images that training never
+    /// sees; for the other datasets they are held out from the training queries.
     #[arg(long)]
     validation_queries: Option<usize>,
+
+    /// fmnist-colours only: train-split images outside the training images that form the
+    /// validation catalog [default: 2000, quick: 1000]; 0 takes the validation queries out of
+    /// the training queries over the training images instead.
+    #[arg(long)]
+    validation_images: Option<usize>,
 
     /// Single-step test queries of fmnist-colours or easyvqa-shapes [default: the dataset's
     /// standard set]. The published datasets use their published test queries.
@@ -294,6 +305,15 @@ impl Args {
                 self.train_threads
             );
         }
+        if matches!(self.validation_images, Some(count) if count > 0)
+            && !matches!(self.dataset, DatasetSpec::FmnistColours { .. })
+        {
+            bail!(
+                "--validation-images applies to fmnist-colours only; {} validates on training \
+                 queries held out over its training images, so drop the option",
+                self.dataset.name()
+            );
+        }
 
         let weights_dir = self.artifacts.join("weights");
         let image_weights = self
@@ -354,6 +374,11 @@ impl Args {
                 },
                 train_queries,
                 validation_queries: self.validation_queries.unwrap_or(preset.validation_queries),
+                validation_images: match self.validation_images {
+                    Some(count) => count,
+                    None if is_fashion_mnist => preset.validation_images,
+                    None => 0,
+                },
                 test_queries: self
                     .test_queries
                     .or(is_fashion_mnist.then_some(DEFAULT_TEST_QUERY_COUNT)),

@@ -41,8 +41,12 @@ pub struct DataCounts {
     /// Two-step training queries.
     #[serde(default)]
     pub two_step_train_queries: usize,
-    /// Held-out validation queries.
+    /// Validation queries.
     pub validation_queries: usize,
+    /// Images of the validation catalog; 0 when the validation queries search the training
+    /// images.
+    #[serde(default)]
+    pub validation_images: usize,
     /// Single-step test queries.
     pub test_queries: usize,
     /// Two-step test queries.

@@ -102,6 +102,7 @@ pub fn run(config: &RunConfig) -> Result<RunReport> {
         train_images = benchmark.train_catalog.len(),
         train_queries = benchmark.train_queries.len(),
         validation_queries = benchmark.validation_queries.len(),
+        validation_images = benchmark.validation_catalog.as_ref().map_or(0, Vec::len),
         test_queries = benchmark.test_query_count(),
         texts = benchmark.texts.len(),
         "built benchmark"
@@ -194,6 +195,7 @@ pub fn run(config: &RunConfig) -> Result<RunReport> {
             train_queries: benchmark.train_queries.len(),
             two_step_train_queries: benchmark.two_step_train_queries.len(),
             validation_queries: benchmark.validation_queries.len(),
+            validation_images: benchmark.validation_catalog.as_ref().map_or(0, Vec::len),
             test_queries: benchmark.test_query_count(),
             two_step_test_queries: benchmark.two_step_test_query_count(),
             catalog_images: benchmark.catalog_image_count(),

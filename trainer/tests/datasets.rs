@@ -154,6 +154,7 @@ fn tiny_config(dataset: DatasetSpec, work: &Path) -> RunConfig {
             train_images: None,
             train_queries: 200,
             validation_queries: 20,
+            validation_images: 0,
             test_queries: Some(60),
             seed: 3,
             two_step_train_queries: 40,

@@ -26,18 +26,24 @@ const COLOURS: i64 = Colour::ALL.len() as i64;
 const WIDTH: i64 = CLASSES + COLOURS;
 
 fn benchmark() -> Benchmark {
-    Benchmark::build(&BenchmarkConfig {
+    Benchmark::build(&config()).expect(
+        "Fashion-MNIST files under DB4R_FASHION_MNIST_DIR or /usr/share/datasets/fashion-mnist",
+    )
+}
+
+fn config() -> BenchmarkConfig {
+    BenchmarkConfig {
         dataset: DatasetSpec::FmnistColours { dir: None },
         data_dir: default_data_dir(),
         train_images: Some(1_500),
         train_queries: 3_000,
         validation_queries: 300,
+        validation_images: 400,
         test_queries: Some(300),
         seed: 5,
         two_step_train_queries: 0,
         two_step_test_queries: 0,
-    })
-    .expect("Fashion-MNIST files under DB4R_FASHION_MNIST_DIR or /usr/share/datasets/fashion-mnist")
+    }
 }
 
 fn image_codes(items: &[BenchmarkItem]) -> Tensor {
@@ -84,6 +90,7 @@ fn synthetic_features(benchmark: &Benchmark) -> Features {
         train_images: image_codes(&benchmark.train_catalog),
         test_images: vec![image_codes(&benchmark.test_catalogs[0])],
         texts: Tensor::from_slice(&text_values).view([benchmark.texts.len() as i64, WIDTH]),
+        validation_images: benchmark.validation_catalog.as_deref().map(image_codes),
     }
 }
 
@@ -270,4 +277,82 @@ fn benchmark_resolves_rows() {
         );
     }
     assert!(benchmark.text_row("not a benchmark text").is_err());
+}
+
+#[test]
+fn validation_searches_unseen_train_images() {
+    let benchmark = benchmark();
+    let validation = benchmark
+        .validation_catalog
+        .as_ref()
+        .expect("a validation catalog when validation_images is set");
+    assert_eq!(validation.len(), 400);
+    let training: std::collections::HashSet<&str> = benchmark
+        .train_catalog
+        .iter()
+        .map(|item| item.id.as_str())
+        .collect();
+    for item in validation {
+        assert!(item.id.starts_with("fmnist-train-"), "{}", item.id);
+        assert!(
+            !training.contains(item.id.as_str()),
+            "{} is also a training image",
+            item.id
+        );
+    }
+    assert_eq!(benchmark.validation_queries.len(), 300);
+    for query in &benchmark.validation_queries {
+        assert!(query.reference < validation.len());
+        assert!(
+            validation
+                .iter()
+                .enumerate()
+                .any(|(row, item)| item.key == query.target && row != query.reference),
+            "no validation image is relevant to {:?}",
+            query.text
+        );
+        assert!(
+            benchmark.texts.contains(&query.text),
+            "validation text {:?} has no feature row",
+            query.text
+        );
+    }
+    // Validation uses training phrasings, so almost every validation text also occurs in training.
+    let train_texts: std::collections::HashSet<&str> = benchmark
+        .train_queries
+        .iter()
+        .map(|query| query.text.as_str())
+        .collect();
+    let unseen = benchmark
+        .validation_queries
+        .iter()
+        .filter(|query| !train_texts.contains(query.text.as_str()))
+        .count();
+    assert!(
+        unseen * 10 < benchmark.validation_queries.len(),
+        "{unseen} validation texts never occur in training"
+    );
+
+    // The same seed draws the same validation images; the old scheme has none.
+    let again = self::benchmark();
+    assert_eq!(again.validation_catalog.as_ref(), Some(validation));
+    let held_out = Benchmark::build(&BenchmarkConfig {
+        validation_images: 0,
+        ..config()
+    })
+    .unwrap();
+    assert!(held_out.validation_catalog.is_none());
+    assert_eq!(held_out.validation_queries.len(), 300);
+}
+
+#[test]
+fn too_many_validation_images_name_the_option() {
+    let error = Benchmark::build(&BenchmarkConfig {
+        validation_images: 60_000,
+        ..config()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("--validation-images is 60000"), "{error}");
+    assert!(error.contains("58500"), "{error}");
 }

@@ -33,6 +33,7 @@ pub fn benchmark(two_step: usize) -> Benchmark {
         train_images: Some(1_200),
         train_queries: 2_000,
         validation_queries: 200,
+        validation_images: 0,
         test_queries: Some(300),
         seed: 9,
         two_step_train_queries: two_step,
@@ -94,6 +95,7 @@ pub fn synthetic_features(benchmark: &Benchmark) -> Features {
         train_images: image_codes(&benchmark.train_catalog),
         test_images: vec![image_codes(&benchmark.test_catalogs[0])],
         texts: Tensor::from_slice(&text_values).view([rows as i64, WIDTH]),
+        validation_images: None,
     }
 }
 
