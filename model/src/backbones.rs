@@ -1,5 +1,8 @@
-//! Frozen image and text towers, loaded from weight files and run in eval mode without
-//! gradients.
+//! Image and text towers, loaded from weight files and run in eval mode without gradients.
+//!
+//! For fine-tuning, each tower splits into a frozen trunk and a trainable tail: the image
+//! backbone's last block, or the text encoder's top layers. The trunk outputs are computed
+//! once, and the tail runs with gradients on top of them.
 
 use std::path::Path;
 
@@ -104,6 +107,69 @@ impl ImageTower {
     /// Computes pooled features `[N, feature_dim]` on the tower's device from normalised images
     /// `[N, 3, H, W]` on any device, with H and W at least 32.
     pub fn f_features(&self, images: &Tensor) -> Result<Tensor, ModelError> {
+        self.check_images(images)?;
+        let device = self.device();
+        if images.size()[0] == 0 {
+            return Ok(Tensor::zeros(
+                [0, self.feature_dim()],
+                (Kind::Float, device),
+            ));
+        }
+
+        catch_inference_panic(|| {
+            tch::no_grad(|| {
+                let images = images.to_device(device).to_kind(Kind::Float);
+                match &self.network {
+                    ImageNetwork::DenseNet121(network) => network.features_t(&images, false),
+                    ImageNetwork::EfficientNetLite0(network) => network.features_t(&images, false),
+                }
+            })
+        })
+    }
+
+    /// Computes the input of the backbone's last block, `[N, C, H/32, W/32]`, from the images
+    /// that [`ImageTower::f_features`] takes, without gradients. [`ImageTower::tail`] turns it
+    /// into the pooled features.
+    pub fn f_trunk(&self, images: &Tensor) -> Result<Tensor, ModelError> {
+        self.check_images(images)?;
+        let device = self.device();
+        catch_inference_panic(|| {
+            tch::no_grad(|| {
+                let images = images.to_device(device).to_kind(Kind::Float);
+                match &self.network {
+                    ImageNetwork::DenseNet121(network) => network.trunk_t(&images, false),
+                    ImageNetwork::EfficientNetLite0(network) => network.trunk_t(&images, false),
+                }
+            })
+        })
+    }
+
+    /// Runs the backbone's last block and pooling on outputs of [`ImageTower::f_trunk`],
+    /// recording gradients for the variables that [`ImageTower::unfreeze_tail`] made
+    /// trainable. BatchNorm uses its running statistics, so a row's features do not depend
+    /// on the other rows of the batch.
+    pub fn tail(&self, trunk: &Tensor) -> Tensor {
+        match &self.network {
+            ImageNetwork::DenseNet121(network) => network.tail_t(trunk, false),
+            ImageNetwork::EfficientNetLite0(network) => network.tail_t(trunk, false),
+        }
+    }
+
+    /// Makes the weights of the last block trainable and returns them by variable name.
+    pub fn unfreeze_tail(&self) -> Vec<(String, Tensor)> {
+        let prefixes: &[&str] = match self.architecture {
+            ImageArchitecture::DenseNet121 => &crate::densenet::TAIL_PREFIXES,
+            ImageArchitecture::EfficientNetLite0 => &crate::efficientnet::TAIL_PREFIXES,
+        };
+        unfreeze(&self.store, prefixes)
+    }
+
+    /// Writes every variable to a safetensors file that [`ImageTower::load`] reads.
+    pub fn save(&self, path: &Path) -> Result<(), ModelError> {
+        save_store(&self.store, path)
+    }
+
+    fn check_images(&self, images: &Tensor) -> Result<(), ModelError> {
         let size = images.size();
         if size.len() != 4 || size[1] != 3 {
             return Err(ModelError::InvalidInput(format!(
@@ -123,23 +189,7 @@ impl ImageTower {
                 images.kind()
             )));
         }
-        let device = self.device();
-        if size[0] == 0 {
-            return Ok(Tensor::zeros(
-                [0, self.feature_dim()],
-                (Kind::Float, device),
-            ));
-        }
-
-        catch_inference_panic(|| {
-            tch::no_grad(|| {
-                let images = images.to_device(device).to_kind(Kind::Float);
-                match &self.network {
-                    ImageNetwork::DenseNet121(network) => network.features_t(&images, false),
-                    ImageNetwork::EfficientNetLite0(network) => network.features_t(&images, false),
-                }
-            })
-        })
+        Ok(())
     }
 
     /// Applies the ImageNet classifier to pooled features `[N, feature_dim]`.
@@ -251,53 +301,15 @@ impl TextTower {
         input_ids: &Tensor,
         attention_mask: &Tensor,
     ) -> Result<Tensor, ModelError> {
-        let config = self.bert.config();
-        let size = input_ids.size();
-        if size.len() != 2 {
-            return Err(ModelError::InvalidInput(format!(
-                "input_ids have shape {size:?}, expected [N, L]"
-            )));
-        }
-        if attention_mask.size() != size {
-            return Err(ModelError::InvalidInput(format!(
-                "attention_mask has shape {:?}, expected the input_ids shape {size:?}",
-                attention_mask.size()
-            )));
-        }
-        for (name, tensor) in [("input_ids", input_ids), ("attention_mask", attention_mask)] {
-            if !is_integer(tensor.kind()) {
-                return Err(ModelError::InvalidInput(format!(
-                    "{name} have type {:?}, expected an integer type",
-                    tensor.kind()
-                )));
-            }
-        }
         let device = self.device();
-        if size[0] == 0 {
+        if input_ids.size().first() == Some(&0) {
+            check_token_shapes(input_ids, attention_mask)?;
             return Ok(Tensor::zeros(
                 [0, self.feature_dim()],
                 (Kind::Float, device),
             ));
         }
-        let length = size[1];
-        if length < 1 || length > config.max_position_embeddings {
-            return Err(ModelError::InvalidInput(format!(
-                "sequences have {length} tokens, expected 1..={}",
-                config.max_position_embeddings
-            )));
-        }
-
-        let input_ids = input_ids.to_device(device).to_kind(Kind::Int64);
-        let attention_mask = attention_mask.to_device(device).to_kind(Kind::Int64);
-        let min_id = input_ids.min().int64_value(&[]);
-        let max_id = input_ids.max().int64_value(&[]);
-        if min_id < 0 || max_id >= config.vocab_size {
-            return Err(ModelError::InvalidInput(format!(
-                "input_ids range over {min_id}..={max_id}, expected 0..{}",
-                config.vocab_size
-            )));
-        }
-
+        let (input_ids, attention_mask) = self.checked_tokens(input_ids, attention_mask)?;
         catch_inference_panic(|| {
             tch::no_grad(|| {
                 let hidden = self
@@ -307,6 +319,169 @@ impl TextTower {
             })
         })
     }
+
+    /// Number of encoder layers.
+    pub fn layer_count(&self) -> usize {
+        self.bert.config().num_hidden_layers.max(0) as usize
+    }
+
+    /// Computes, without gradients, the hidden states `[N, L, hidden_size]` that the top
+    /// `tail_layers` layers read, from the tokens that [`TextTower::f_features`] takes.
+    /// [`TextTower::tail_t`] turns them into the pooled features.
+    pub fn f_trunk(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        tail_layers: usize,
+    ) -> Result<Tensor, ModelError> {
+        let end = self.tail_start(tail_layers)?;
+        let (input_ids, attention_mask) = self.checked_tokens(input_ids, attention_mask)?;
+        catch_inference_panic(|| {
+            tch::no_grad(|| {
+                self.bert
+                    .forward_until_t(&input_ids, &attention_mask, end, false)
+            })
+        })
+    }
+
+    /// Runs the top `tail_layers` layers and the pooling on outputs of [`TextTower::f_trunk`]
+    /// with the same `[N, L]` attention mask, recording gradients for the variables that
+    /// [`TextTower::unfreeze_tail`] made trainable. `train` turns dropout on.
+    pub fn tail_t(
+        &self,
+        hidden: &Tensor,
+        attention_mask: &Tensor,
+        tail_layers: usize,
+        train: bool,
+    ) -> Tensor {
+        let first = self.layer_count().saturating_sub(tail_layers);
+        let hidden = self
+            .bert
+            .forward_from_t(hidden, attention_mask, first, train);
+        bert::pool(&hidden, attention_mask, self.pooling)
+    }
+
+    /// Makes the weights of the top `tail_layers` layers trainable and returns them by
+    /// variable name.
+    pub fn unfreeze_tail(&self, tail_layers: usize) -> Result<Vec<(String, Tensor)>, ModelError> {
+        let first = self.tail_start(tail_layers)?;
+        let prefixes: Vec<String> = (first..self.layer_count())
+            .map(BertModel::layer_prefix)
+            .collect();
+        let prefixes: Vec<&str> = prefixes.iter().map(String::as_str).collect();
+        Ok(unfreeze(&self.store, &prefixes))
+    }
+
+    /// Writes every variable, without a prefix, to a safetensors file that
+    /// [`TextTower::load`] reads with an empty `weights_prefix`.
+    pub fn save(&self, path: &Path) -> Result<(), ModelError> {
+        save_store(&self.store, path)
+    }
+
+    /// Index of the first of the top `tail_layers` layers.
+    fn tail_start(&self, tail_layers: usize) -> Result<usize, ModelError> {
+        let layers = self.layer_count();
+        if tail_layers == 0 || tail_layers > layers {
+            return Err(ModelError::InvalidInput(format!(
+                "{tail_layers} tail layers requested, expected 1 to the encoder's {layers}"
+            )));
+        }
+        Ok(layers - tail_layers)
+    }
+
+    /// Validates token tensors and moves them to the tower's device as Int64.
+    fn checked_tokens(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+    ) -> Result<(Tensor, Tensor), ModelError> {
+        check_token_shapes(input_ids, attention_mask)?;
+        let config = self.bert.config();
+        let length = input_ids.size()[1];
+        if length < 1 || length > config.max_position_embeddings {
+            return Err(ModelError::InvalidInput(format!(
+                "sequences have {length} tokens, expected 1..={}",
+                config.max_position_embeddings
+            )));
+        }
+
+        let device = self.device();
+        let input_ids = input_ids.to_device(device).to_kind(Kind::Int64);
+        let attention_mask = attention_mask.to_device(device).to_kind(Kind::Int64);
+        if input_ids.numel() > 0 {
+            let min_id = input_ids.min().int64_value(&[]);
+            let max_id = input_ids.max().int64_value(&[]);
+            if min_id < 0 || max_id >= config.vocab_size {
+                return Err(ModelError::InvalidInput(format!(
+                    "input_ids range over {min_id}..={max_id}, expected 0..{}",
+                    config.vocab_size
+                )));
+            }
+        }
+        Ok((input_ids, attention_mask))
+    }
+}
+
+/// Checks that token ids and mask are integer `[N, L]` tensors of one shape.
+fn check_token_shapes(input_ids: &Tensor, attention_mask: &Tensor) -> Result<(), ModelError> {
+    let size = input_ids.size();
+    if size.len() != 2 {
+        return Err(ModelError::InvalidInput(format!(
+            "input_ids have shape {size:?}, expected [N, L]"
+        )));
+    }
+    if attention_mask.size() != size {
+        return Err(ModelError::InvalidInput(format!(
+            "attention_mask has shape {:?}, expected the input_ids shape {size:?}",
+            attention_mask.size()
+        )));
+    }
+    for (name, tensor) in [("input_ids", input_ids), ("attention_mask", attention_mask)] {
+        if !is_integer(tensor.kind()) {
+            return Err(ModelError::InvalidInput(format!(
+                "{name} have type {:?}, expected an integer type",
+                tensor.kind()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Names that tch gives BatchNorm's running statistics, which are buffers, not weights.
+const BATCH_NORM_BUFFERS: [&str; 2] = ["running_mean", "running_var"];
+
+/// Makes the variables of `store` under any of `prefixes` trainable, BatchNorm buffers
+/// excepted, and returns them sorted by name.
+fn unfreeze(store: &VarStore, prefixes: &[&str]) -> Vec<(String, Tensor)> {
+    let mut variables: Vec<(String, Tensor)> = store
+        .variables()
+        .into_iter()
+        .filter(|(name, _)| prefixes.iter().any(|prefix| name.starts_with(prefix)))
+        .filter(|(name, _)| {
+            !BATCH_NORM_BUFFERS
+                .iter()
+                .any(|buffer| name.rsplit('.').next() == Some(*buffer))
+        })
+        .collect();
+    variables.sort_by(|a, b| a.0.cmp(&b.0));
+    for (_, variable) in &mut variables {
+        // The returned tensors share storage and autograd state with the store's variables,
+        // so the flag and later in-place updates reach the network.
+        let _ = variable.set_requires_grad(true);
+    }
+    variables
+}
+
+/// Writes every variable of `store`, sorted by name, to the safetensors file `path`.
+fn save_store(store: &VarStore, path: &Path) -> Result<(), ModelError> {
+    let mut variables: Vec<(String, Tensor)> = store.variables().into_iter().collect();
+    variables.sort_by(|a, b| a.0.cmp(&b.0));
+    let detached: Vec<(String, Tensor)> = variables
+        .into_iter()
+        .map(|(name, variable)| (name, variable.detach()))
+        .collect();
+    Tensor::write_safetensors(&detached, path)?;
+    Ok(())
 }
 
 /// The image backbone and text encoder without heads, for computing features ahead of head

@@ -321,12 +321,60 @@ impl BertModel {
                 &zeros
             }
         };
+        let embeddings = self.embeddings.forward_t(input_ids, token_type_ids, train);
+        self.layers_t(&embeddings, attention_mask, 0..self.layers.len(), train)
+    }
+
+    /// Computes the hidden states `[N, L, hidden_size]` that layer `end` reads: the
+    /// embeddings (with zero token types) through layers `..end`.
+    ///
+    /// Inputs are as for [`BertModel::forward_t`]; `end` above the layer count runs them all.
+    pub fn forward_until_t(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        end: usize,
+        train: bool,
+    ) -> Tensor {
+        let embeddings = self
+            .embeddings
+            .forward_t(input_ids, &input_ids.zeros_like(), train);
+        let end = end.min(self.layers.len());
+        self.layers_t(&embeddings, attention_mask, 0..end, train)
+    }
+
+    /// Runs layers `first..` on the hidden states `[N, L, hidden_size]` that layer `first`
+    /// reads and returns the last hidden states, so that
+    /// `forward_from_t(forward_until_t(ids, mask, k), mask, k)` equals `forward_t`.
+    pub fn forward_from_t(
+        &self,
+        hidden: &Tensor,
+        attention_mask: &Tensor,
+        first: usize,
+        train: bool,
+    ) -> Tensor {
+        let first = first.min(self.layers.len());
+        self.layers_t(hidden, attention_mask, first..self.layers.len(), train)
+    }
+
+    fn layers_t(
+        &self,
+        hidden: &Tensor,
+        attention_mask: &Tensor,
+        range: std::ops::Range<usize>,
+        train: bool,
+    ) -> Tensor {
         let mask = attention_mask.ne(0).unsqueeze(1).unsqueeze(1);
-        let mut xs = self.embeddings.forward_t(input_ids, token_type_ids, train);
-        for layer in &self.layers {
+        let mut xs = hidden.shallow_clone();
+        for layer in &self.layers[range] {
             xs = layer.forward_t(&xs, &mask, train);
         }
         xs
+    }
+
+    /// Returns the prefix of the variables of layer `index`, `encoder.layer.{index}.`.
+    pub fn layer_prefix(index: usize) -> String {
+        format!("encoder.layer.{index}.")
     }
 }
 
@@ -344,6 +392,33 @@ pub fn pool(hidden: &Tensor, attention_mask: &Tensor, pooling: Pooling) -> Tenso
                 .sum_dim_intlist(1, false, hidden.kind())
                 .clamp_min(1e-9);
             summed / counts
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_forward_equals_whole_forward() {
+        let config: BertConfig = serde_json::from_str(
+            r#"{"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 3,
+                "num_attention_heads": 2, "intermediate_size": 32,
+                "max_position_embeddings": 12}"#,
+        )
+        .unwrap();
+        tch::manual_seed(3);
+        let store = nn::VarStore::new(tch::Device::Cpu);
+        let model = BertModel::new(&store.root(), &config).unwrap();
+        let ids = Tensor::from_slice(&[1i64, 5, 7, 2, 1, 9, 0, 0]).view([2, 4]);
+        let mask = Tensor::from_slice(&[1i64, 1, 1, 1, 1, 1, 0, 0]).view([2, 4]);
+        let whole = model.forward_t(&ids, &mask, None, false);
+        for cut in 0..=3 {
+            let hidden = model.forward_until_t(&ids, &mask, cut, false);
+            let split = model.forward_from_t(&hidden, &mask, cut, false);
+            let difference = (&split - &whole).abs().max().double_value(&[]);
+            assert!(difference < 1e-5, "cut {cut}: max difference {difference}");
         }
     }
 }

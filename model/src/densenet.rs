@@ -10,6 +10,10 @@ use tch::Tensor;
 /// Length of the pooled feature vector.
 pub const FEATURE_DIM: i64 = 1024;
 
+/// Variable name prefixes of the modules that [`DenseNet121::tail_t`] runs: the last dense
+/// block and the final BatchNorm.
+pub const TAIL_PREFIXES: [&str; 2] = ["features.denseblock4.", "features.norm5."];
+
 /// Number of output channels each dense layer adds.
 const GROWTH_RATE: i64 = 32;
 /// Bottleneck width of a dense layer as a multiple of the growth rate.
@@ -177,18 +181,30 @@ impl DenseNet121 {
 
     /// Computes pooled features `[N, 1024]` from normalised images `[N, 3, H, W]`.
     pub fn features_t(&self, images: &Tensor, train: bool) -> Tensor {
+        self.tail_t(&self.trunk_t(images, train), train)
+    }
+
+    /// Computes the input of the last dense block, `[N, 512, H/32, W/32]`: everything that
+    /// [`DenseNet121::tail_t`] does not run.
+    pub fn trunk_t(&self, images: &Tensor, train: bool) -> Tensor {
         let mut xs = images
             .apply(&self.conv0)
             .apply_t(&self.norm0, train)
             .relu()
             .max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
-        for (index, block) in self.blocks.iter().enumerate() {
-            xs = block.forward_t(&xs, train);
-            if let Some(transition) = self.transitions.get(index) {
-                xs = transition.forward_t(&xs, train);
-            }
+        let last = self.blocks.len() - 1;
+        for (block, transition) in self.blocks[..last].iter().zip(&self.transitions) {
+            xs = transition.forward_t(&block.forward_t(&xs, train), train);
         }
-        xs.apply_t(&self.norm5, train)
+        xs
+    }
+
+    /// Runs the last dense block, the final BatchNorm and the pooling on the output of
+    /// [`DenseNet121::trunk_t`], giving pooled features `[N, 1024]`.
+    pub fn tail_t(&self, trunk: &Tensor, train: bool) -> Tensor {
+        let last = &self.blocks[self.blocks.len() - 1];
+        last.forward_t(trunk, train)
+            .apply_t(&self.norm5, train)
             .relu()
             .adaptive_avg_pool2d([1, 1])
             .flatten(1, -1)
@@ -200,5 +216,37 @@ impl DenseNet121 {
         self.classifier
             .as_ref()
             .map(|classifier| features.apply_t(classifier, false))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trunk_then_tail_equals_features() {
+        tch::manual_seed(1);
+        let store = nn::VarStore::new(tch::Device::Cpu);
+        let network = DenseNet121::new(&store.root(), None);
+        let images = Tensor::randn([2, 3, 64, 64], (tch::Kind::Float, tch::Device::Cpu));
+        let trunk = network.trunk_t(&images, false);
+        assert_eq!(trunk.size(), vec![2, 512, 2, 2]);
+        let split = network.tail_t(&trunk, false);
+        let whole = network.features_t(&images, false);
+        let difference = (split - whole).abs().max().double_value(&[]);
+        assert!(difference < 1e-5, "max difference {difference}");
+    }
+
+    #[test]
+    fn tail_prefixes_name_existing_variables() {
+        let store = nn::VarStore::new(tch::Device::Cpu);
+        let _network = DenseNet121::new(&store.root(), None);
+        let variables = store.variables();
+        for prefix in TAIL_PREFIXES {
+            assert!(
+                variables.keys().any(|name| name.starts_with(prefix)),
+                "no variable starts with {prefix}"
+            );
+        }
     }
 }

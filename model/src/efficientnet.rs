@@ -13,6 +13,10 @@ use tch::Tensor;
 /// Length of the pooled feature vector.
 pub const FEATURE_DIM: i64 = 1280;
 
+/// Variable name prefixes of the modules that [`EfficientNetLite0::tail_t`] runs: the last
+/// block, the head convolution and its BatchNorm.
+pub const TAIL_PREFIXES: [&str; 3] = ["_blocks.15.", "_conv_head.", "_bn1."];
+
 const STEM_CHANNELS: i64 = 32;
 const BATCH_NORM_EPS: f64 = 1e-3;
 
@@ -148,7 +152,8 @@ impl MbConvBlock {
             .relu6();
         let out = self.project.forward(&hidden).apply_t(&self.bn2, train);
         // NOTE: drop-connect on the residual branch is a training-time regulariser of the
-        // original recipe and is not implemented, because the backbone is only run frozen.
+        // original recipe and is not implemented; fine-tuning trains only the last block,
+        // which has no residual branch.
         if self.residual {
             out + xs
         } else {
@@ -213,16 +218,29 @@ impl EfficientNetLite0 {
 
     /// Computes pooled features `[N, 1280]` from normalised images `[N, 3, H, W]`.
     pub fn features_t(&self, images: &Tensor, train: bool) -> Tensor {
+        self.tail_t(&self.trunk_t(images, train), train)
+    }
+
+    /// Computes the input of the last block, `[N, 192, H/32, W/32]`: everything that
+    /// [`EfficientNetLite0::tail_t`] does not run.
+    pub fn trunk_t(&self, images: &Tensor, train: bool) -> Tensor {
         let mut xs = self
             .conv_stem
             .forward(images)
             .apply_t(&self.bn0, train)
             .relu6();
-        for block in &self.blocks {
+        for block in &self.blocks[..self.blocks.len() - 1] {
             xs = block.forward_t(&xs, train);
         }
+        xs
+    }
+
+    /// Runs the last block (the single-block final stage), the head convolution and the
+    /// pooling on the output of [`EfficientNetLite0::trunk_t`], giving features `[N, 1280]`.
+    pub fn tail_t(&self, trunk: &Tensor, train: bool) -> Tensor {
+        let last = &self.blocks[self.blocks.len() - 1];
         self.conv_head
-            .forward(&xs)
+            .forward(&last.forward_t(trunk, train))
             .apply_t(&self.bn1, train)
             .relu6()
             .adaptive_avg_pool2d([1, 1])
@@ -249,6 +267,35 @@ mod tests {
         assert_eq!(same_padding(7, 5, 1), 4);
         assert_eq!(same_padding(14, 5, 2), 3);
         assert_eq!(same_padding(7, 1, 1), 0);
+    }
+
+    #[test]
+    fn trunk_then_tail_equals_features() {
+        tch::manual_seed(2);
+        let store = nn::VarStore::new(tch::Device::Cpu);
+        let network = EfficientNetLite0::new(&store.root(), None);
+        let images = Tensor::randn([2, 3, 96, 96], (tch::Kind::Float, tch::Device::Cpu));
+        let trunk = network.trunk_t(&images, false);
+        assert_eq!(trunk.size(), vec![2, 192, 3, 3]);
+        let split = network.tail_t(&trunk, false);
+        let whole = network.features_t(&images, false);
+        let difference = (split - whole).abs().max().double_value(&[]);
+        assert!(difference < 1e-5, "max difference {difference}");
+    }
+
+    #[test]
+    fn tail_prefixes_name_the_last_block() {
+        let store = nn::VarStore::new(tch::Device::Cpu);
+        let network = EfficientNetLite0::new(&store.root(), None);
+        let last = format!("_blocks.{}.", network.blocks.len() - 1);
+        assert_eq!(TAIL_PREFIXES[0], last);
+        let variables = store.variables();
+        for prefix in TAIL_PREFIXES {
+            assert!(
+                variables.keys().any(|name| name.starts_with(prefix)),
+                "no variable starts with {prefix}"
+            );
+        }
     }
 
     #[test]

@@ -40,8 +40,8 @@ pub use backbones::{
 };
 pub use batch::{pad_batch, stack_images};
 pub use config::{
-    HeadConfig, ImageArchitecture, ImageBackboneConfig, InputNorm, ModelConfig, Pooling, TextEncoderConfig,
-    MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, MODEL_CONFIG_FILE,
+    HeadConfig, ImageArchitecture, ImageBackboneConfig, InputNorm, ModelConfig, Pooling,
+    TextEncoderConfig, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, MODEL_CONFIG_FILE,
 };
 pub use error::ModelError;
 pub use fingerprint::{fingerprint_dir, FINGERPRINT_LEN};

@@ -33,12 +33,21 @@ mod tests {
 
     #[test]
     fn texts_are_joined_in_order() {
-        assert_eq!(join_modifications(&["make it blue", "as a dress"]), "make it blue. as a dress");
-        assert_eq!(join_modifications(&["as a dress", "make it blue"]), "as a dress. make it blue");
+        assert_eq!(
+            join_modifications(&["make it blue", "as a dress"]),
+            "make it blue. as a dress"
+        );
+        assert_eq!(
+            join_modifications(&["as a dress", "make it blue"]),
+            "as a dress. make it blue"
+        );
     }
 
     #[test]
     fn blank_texts_are_skipped() {
-        assert_eq!(join_modifications(&["in red", "  ", "as a bag"]), "in red. as a bag");
+        assert_eq!(
+            join_modifications(&["in red", "  ", "as a bag"]),
+            "in red. as a bag"
+        );
     }
 }
