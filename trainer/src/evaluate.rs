@@ -97,6 +97,9 @@ pub struct TrainedSet<'a> {
     pub text_only: &'a Heads,
     /// TIRG heads, when they were trained.
     pub tirg: Option<&'a Heads>,
+    /// Features of the fusion model's fine-tuned backbones; `None` when the fusion model
+    /// reads the frozen features that every other method reads.
+    pub fusion_features: Option<&'a Features>,
 }
 
 /// Results of every method on the test sets of a benchmark.
@@ -233,14 +236,6 @@ pub fn evaluate_queries(
             benchmark.test_catalogs.len()
         ))
     })?;
-    let catalog_images = features.test_images.get(set.catalog).ok_or_else(|| {
-        TrainerError::InvalidInput(format!(
-            "the features hold {} test catalogs, test set {} needs catalog {}",
-            features.test_images.len(),
-            set.name,
-            set.catalog
-        ))
-    })?;
     let reference_rows: Vec<i64> = queries.iter().map(|query| query.reference as i64).collect();
     let text_rows = queries
         .iter()
@@ -249,40 +244,48 @@ pub fn evaluate_queries(
     let query_targets: Vec<i64> = queries.iter().map(|query| query.target).collect();
     let catalog_codes: Vec<i64> = catalog.iter().map(|item| item.key).collect();
     let excluded: Vec<Option<usize>> = queries.iter().map(|query| Some(query.reference)).collect();
-    let reference_features = catalog_images.index_select(0, &Tensor::from_slice(&reference_rows));
-    let text_features = features
-        .texts
-        .index_select(0, &Tensor::from_slice(&text_rows));
+    let (catalog_images, reference_features, text_features) =
+        set_inputs(features, set, &reference_rows, &text_rows)?;
+    let tuned = trained
+        .fusion_features
+        .map(|tuned| set_inputs(tuned, set, &reference_rows, &text_rows))
+        .transpose()?;
     let zero_images = reference_features.zeros_like();
 
     let mut results = Vec::with_capacity(Method::ALL.len());
     for method in Method::ALL {
         let (query_embeddings, catalog_embeddings) = match method {
-            Method::Fusion => (
-                trained.fusion.compose(&reference_features, &text_features),
-                trained.fusion.project(catalog_images),
-            ),
+            Method::Fusion => {
+                let (catalog, references, texts) = match &tuned {
+                    Some((catalog, references, texts)) => (catalog, references, texts),
+                    None => (&catalog_images, &reference_features, &text_features),
+                };
+                (
+                    trained.fusion.compose(references, texts),
+                    trained.fusion.project(catalog),
+                )
+            }
             Method::Tirg => match trained.tirg {
                 Some(tirg) => (
                     tirg.compose(&reference_features, &text_features),
-                    tirg.project(catalog_images),
+                    tirg.project(&catalog_images),
                 ),
                 None => continue,
             },
             Method::ImageOnly => (
                 l2_normalize(&reference_features),
-                l2_normalize(catalog_images),
+                l2_normalize(&catalog_images),
             ),
             Method::TextOnly => (
                 trained.text_only.compose(&zero_images, &text_features),
-                trained.text_only.project(catalog_images),
+                trained.text_only.project(&catalog_images),
             ),
             Method::LateFusion => {
                 let image_part = trained.text_only.project(&reference_features);
                 let text_part = trained.text_only.compose(&zero_images, &text_features);
                 (
                     l2_normalize(&(image_part + text_part)),
-                    trained.text_only.project(catalog_images),
+                    trained.text_only.project(&catalog_images),
                 )
             }
         };
@@ -298,6 +301,28 @@ pub fn evaluate_queries(
         results.push(result);
     }
     Ok(results)
+}
+
+/// Catalog, reference and text features of `set` in `features`.
+fn set_inputs(
+    features: &Features,
+    set: &TestSet,
+    reference_rows: &[i64],
+    text_rows: &[i64],
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let catalog_images = features.test_images.get(set.catalog).ok_or_else(|| {
+        TrainerError::InvalidInput(format!(
+            "the features hold {} test catalogs, test set {} needs catalog {}",
+            features.test_images.len(),
+            set.name,
+            set.catalog
+        ))
+    })?;
+    let references = catalog_images.index_select(0, &Tensor::from_slice(reference_rows));
+    let texts = features
+        .texts
+        .index_select(0, &Tensor::from_slice(text_rows));
+    Ok((catalog_images.shallow_clone(), references, texts))
 }
 
 fn summarise(

@@ -128,9 +128,7 @@ pub fn load_or_compute(
     cache_dir: &Path,
 ) -> Result<(Features, CacheStatus, PathBuf)> {
     let key = cache_key(benchmark, spec)?;
-    let digest = sha256_hex(
-        &serde_json::to_vec(&key).map_err(|error| TrainerError::InvalidInput(error.to_string()))?,
-    );
+    let digest = cache_digest(&key)?;
     let tensors_path = cache_dir.join(format!("features-{}.safetensors", &digest[..16]));
     let key_path = tensors_path.with_extension("json");
 
@@ -331,18 +329,30 @@ fn cache_key(benchmark: &Benchmark, spec: &FeatureSpec) -> Result<CacheKey> {
     })
 }
 
+fn cache_digest(key: &CacheKey) -> Result<String> {
+    let json =
+        serde_json::to_vec(key).map_err(|error| TrainerError::InvalidInput(error.to_string()))?;
+    Ok(sha256_hex(&json))
+}
+
+/// Digest of the backbones, input settings, catalogs and single-step texts that name the
+/// main feature cache file of `benchmark`.
+pub(crate) fn features_digest(benchmark: &Benchmark, spec: &FeatureSpec) -> Result<String> {
+    cache_digest(&cache_key(benchmark, spec)?)
+}
+
 /// SHA-256 over the ids and image sources of `items`, in order.
-fn catalog_sha256(items: &[BenchmarkItem]) -> Result<String> {
+pub(crate) fn catalog_sha256(items: &[BenchmarkItem]) -> Result<String> {
     let bytes =
         serde_json::to_vec(items).map_err(|error| TrainerError::InvalidInput(error.to_string()))?;
     Ok(sha256_hex(&bytes))
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-fn sha256_file(path: &Path) -> Result<String> {
+pub(crate) fn sha256_file(path: &Path) -> Result<String> {
     let mut file =
         File::open(path).map_err(|error| TrainerError::io("failed to open", path, error))?;
     let mut hasher = Sha256::new();
@@ -407,6 +417,19 @@ fn image_features(
     spec: &FeatureSpec,
     label: &'static str,
 ) -> Result<Tensor> {
+    map_images(loader, items, spec, label, |images| {
+        Ok(backbones.f_image_features(images)?)
+    })
+}
+
+/// Decodes and preprocesses `items` in batches and concatenates `forward`'s output rows.
+pub(crate) fn map_images(
+    loader: &ImageLoader,
+    items: &[BenchmarkItem],
+    spec: &FeatureSpec,
+    label: &str,
+    forward: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
     let normalization = spec.architecture.normalization();
     let mut progress = Progress::new(items.len() as u64, label);
     let mut rows = Vec::with_capacity(items.len().div_ceil(IMAGE_BATCH));
@@ -420,7 +443,7 @@ fn image_features(
             ));
         }
         let images = stack_images(&inputs, spec.image_size)?;
-        rows.push(backbones.f_image_features(&images)?);
+        rows.push(forward(&images)?);
         progress.inc(batch.len() as u64);
     }
     progress.finish();
@@ -428,24 +451,38 @@ fn image_features(
 }
 
 fn text_features(backbones: &Backbones, texts: &[String], spec: &FeatureSpec) -> Result<Tensor> {
+    let batches = map_texts(texts, spec, |input_ids, attention_mask| {
+        Ok(backbones.f_text_features(input_ids, attention_mask)?)
+    })?;
+    let rows: Vec<Tensor> = batches.into_iter().map(|(rows, _)| rows).collect();
+    Ok(Tensor::cat(&rows, 0))
+}
+
+/// Tokenizes `texts` in batches padded to their longest text and returns `forward`'s output
+/// with the attention mask of each batch.
+pub(crate) fn map_texts(
+    texts: &[String],
+    spec: &FeatureSpec,
+    forward: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<Vec<(Tensor, Tensor)>> {
     let tokenizer = TextTokenizer::from_file(
         spec.text_dir.join(TEXT_TOKENIZER_FILE),
         spec.max_tokens,
         TokenOverflow::Truncate,
     )?;
     let mut progress = Progress::new(texts.len() as u64, "texts");
-    let mut rows = Vec::with_capacity(texts.len().div_ceil(TEXT_BATCH));
+    let mut batches = Vec::with_capacity(texts.len().div_ceil(TEXT_BATCH));
     for batch in texts.chunks(TEXT_BATCH) {
         let sequences = batch
             .iter()
             .map(|text| tokenizer.encode(text))
             .collect::<Result<Vec<_>, _>>()?;
         let (input_ids, attention_mask) = pad_batch(&sequences, tokenizer.pad_id());
-        rows.push(backbones.f_text_features(&input_ids, &attention_mask)?);
+        batches.push((forward(&input_ids, &attention_mask)?, attention_mask));
         progress.inc(batch.len() as u64);
     }
     progress.finish();
-    Ok(Tensor::cat(&rows, 0))
+    Ok(batches)
 }
 
 const TRAIN_IMAGES: &str = "train_images";

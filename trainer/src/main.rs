@@ -13,6 +13,9 @@ use densebert4ret_datasets::{
 use densebert4ret_model::{HeadConfig, ImageArchitecture, InputNorm, Pooling};
 use densebert4ret_trainer::benchmark::BenchmarkConfig;
 use densebert4ret_trainer::features::FeatureSpec;
+use densebert4ret_trainer::finetune::{
+    FineTuneSpec, DEFAULT_BACKBONE_LEARNING_RATE_SCALE, DEFAULT_TEXT_LAYERS,
+};
 use densebert4ret_trainer::loss::{Loss, Mining};
 use densebert4ret_trainer::offline::{evaluate_model_dir, EvaluateConfig};
 use densebert4ret_trainer::optim::OptimizerKind;
@@ -174,7 +177,7 @@ struct Args {
 
     /// Validation queries for choosing the best epoch [default: 1000, quick: 500]. For
     /// fmnist-colours they search --validation-images train-split images that training never
-    /// sees; for the other datasets they are held out from the training queries.
+    /// uses; for the other datasets they are held out from the training queries.
     #[arg(long)]
     validation_queries: Option<usize>,
 
@@ -258,6 +261,21 @@ struct Args {
     /// Continue each variant from its checkpoint in the checkpoint directory.
     #[arg(long)]
     resume: bool,
+
+    /// Fine-tune the DenseBert4Ret model's backbones: train the image backbone's last block
+    /// and the text encoder's top --fine-tune-text-layers layers with the heads. The baselines
+    /// stay on frozen features. Each step runs these layers, so training is several times
+    /// slower than on cached features.
+    #[arg(long)]
+    fine_tune: bool,
+
+    /// Top text encoder layers that --fine-tune trains; 0 keeps the text encoder frozen.
+    #[arg(long, default_value_t = DEFAULT_TEXT_LAYERS, requires = "fine_tune")]
+    fine_tune_text_layers: usize,
+
+    /// Learning rate of the fine-tuned backbone weights as a fraction of --learning-rate.
+    #[arg(long, default_value_t = DEFAULT_BACKBONE_LEARNING_RATE_SCALE, requires = "fine_tune")]
+    backbone_learning_rate_scale: f64,
 
     /// Checkpoint directory [default: ARTIFACTS/checkpoints/MODEL_DIR_NAME/seed-SEED].
     #[arg(long)]
@@ -430,6 +448,10 @@ impl Args {
             train_tirg: self.tirg || (!self.no_tirg && !self.quick),
             checkpoint_dir,
             resume: self.resume,
+            fine_tune: self.fine_tune.then(|| FineTuneSpec {
+                text_layers: self.fine_tune_text_layers,
+                learning_rate_scale: self.backbone_learning_rate_scale,
+            }),
         })
     }
 }

@@ -115,7 +115,27 @@ pub fn evaluate_model_dir(config: &EvaluateConfig) -> Result<(Evaluation, String
         max_tokens: model_config.text_encoder.max_tokens,
         pooling: model_config.text_encoder.pooling,
     };
-    let (features, _, _) = load_or_compute(&benchmark, &spec, &config.cache_dir)?;
+    let (model_features, _, _) = load_or_compute(&benchmark, &spec, &config.cache_dir)?;
+    // A fine-tuned model directory contains the tuned backbones; its baselines were trained
+    // on the frozen backbones that metrics.json records.
+    let (features, tuned) = match &recorded.config.fine_tune {
+        Some(_) => {
+            let frozen = &recorded.config.features;
+            for path in [&frozen.image_weights, &frozen.text_dir] {
+                if !path.exists() {
+                    return Err(TrainerError::InvalidInput(format!(
+                        "{} was fine-tuned, and its baselines need the original backbone {}, \
+                         which does not exist; restore it or evaluate on the machine that trained the model",
+                        config.model_dir.display(),
+                        path.display()
+                    )));
+                }
+            }
+            let (frozen, _, _) = load_or_compute(&benchmark, frozen, &config.cache_dir)?;
+            (frozen, Some(model_features))
+        }
+        None => (model_features, None),
+    };
 
     let image_dim = features.image_dim();
     let text_dim = features.text_dim();
@@ -149,6 +169,7 @@ pub fn evaluate_model_dir(config: &EvaluateConfig) -> Result<(Evaluation, String
         fusion: &fusion,
         text_only: &text_only,
         tirg: tirg.as_ref(),
+        fusion_features: tuned.as_ref(),
     };
 
     let results = evaluate_benchmark(&benchmark, &features, &set)?;

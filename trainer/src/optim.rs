@@ -71,6 +71,8 @@ pub struct Optimizer {
     variables: BTreeMap<String, Tensor>,
     first_moments: BTreeMap<String, Tensor>,
     second_moments: BTreeMap<String, Tensor>,
+    /// Learning rate multipliers of the variables added by [`Optimizer::add_variables`].
+    learning_rate_scales: BTreeMap<String, f64>,
     steps: i64,
 }
 
@@ -94,7 +96,23 @@ impl Optimizer {
             first_moments: zeros(&variables),
             second_moments: zeros(&variables),
             variables,
+            learning_rate_scales: BTreeMap::new(),
             steps: 0,
+        }
+    }
+
+    /// Adds `variables` with zero moments, updated at `learning_rate_scale` times the rate
+    /// that each step is given. Their names must differ from the store's.
+    pub fn add_variables(&mut self, variables: &[(String, Tensor)], learning_rate_scale: f64) {
+        for (name, variable) in variables {
+            self.first_moments
+                .insert(name.clone(), variable.detach().zeros_like());
+            self.second_moments
+                .insert(name.clone(), variable.detach().zeros_like());
+            self.learning_rate_scales
+                .insert(name.clone(), learning_rate_scale);
+            self.variables
+                .insert(name.clone(), variable.shallow_clone());
         }
     }
 
@@ -129,6 +147,8 @@ impl Optimizer {
                 if !gradient.defined() {
                     continue;
                 }
+                let learning_rate =
+                    learning_rate * self.learning_rate_scales.get(name).copied().unwrap_or(1.0);
                 let gradient = match self.kind {
                     OptimizerKind::Adam if self.weight_decay > 0.0 => {
                         gradient + &*variable * self.weight_decay

@@ -11,6 +11,7 @@ use crate::benchmark::BenchmarkConfig;
 use crate::error::{Result, TrainerError};
 use crate::evaluate::MethodResult;
 use crate::features::FeatureSpec;
+use crate::finetune::FineTuneSpec;
 use crate::heads::Heads;
 use crate::metrics::RECALL_CUTOFFS;
 use crate::plots::{plot_recall_at_k, plot_training_curves, Series};
@@ -77,6 +78,10 @@ pub struct RecordedConfig {
     /// Whether the TIRG baseline was trained.
     #[serde(default)]
     pub train_tirg: bool,
+    /// Fine-tuning of the fusion model's backbone tails; `None` when the backbones stayed
+    /// frozen. The baselines always use the frozen backbones of `features`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fine_tune: Option<FineTuneSpec>,
 }
 
 /// Contents of `metrics.json`.

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use densebert4ret_model::{
-    write_model_dir, DenseBert4Ret, Device, ModelConfig, TextTokenizer, TokenOverflow,
+    write_model_dir, Backbones, DenseBert4Ret, Device, ModelConfig, TextTokenizer, TokenOverflow,
     TEXT_TOKENIZER_FILE,
 };
 use tch::Tensor;
@@ -14,13 +14,14 @@ use tch::Tensor;
 use crate::benchmark::{Benchmark, BenchmarkConfig};
 use crate::error::{Result, TrainerError};
 use crate::evaluate::{evaluate_benchmark, MethodResult, TrainedSet};
-use crate::features::{load_or_compute, CacheStatus, FeatureSpec, Features};
+use crate::features::{load_or_compute, map_images, map_texts, CacheStatus, FeatureSpec, Features};
+use crate::finetune::{load_or_compute_trunks, FineTuneSpec, Tails};
 use crate::heads::Heads;
 use crate::report::{
     markdown_report_with_sets, save_baseline, write_evaluation_files, DataCounts, Metrics,
     RecordedConfig, TrainingSummary, METRICS_FILE,
 };
-use crate::train::{train_heads_with, Checkpointing, TrainSettings, Variant};
+use crate::train::{fine_tune_heads, train_heads_with, Checkpointing, TrainSettings, Variant};
 
 /// Largest difference allowed between the in-memory heads and the reloaded model directory.
 const RELOAD_TOLERANCE: f64 = 1e-5;
@@ -52,6 +53,8 @@ pub struct RunConfig {
     pub checkpoint_dir: PathBuf,
     /// Continue each variant from its checkpoint when there is one.
     pub resume: bool,
+    /// Fine-tune the fusion model's backbone tails; `None` keeps the backbones frozen.
+    pub fine_tune: Option<FineTuneSpec>,
 }
 
 /// Results of a finished run.
@@ -122,19 +125,56 @@ pub fn run(config: &RunConfig) -> Result<RunReport> {
     if config.train_tirg {
         variants.push(Variant::Tirg);
     }
+    let trunks = match &config.fine_tune {
+        Some(fine_tune) => {
+            tch::set_num_threads(config.threads as i32);
+            let (trunks, _) = stopwatch.time("trunks", || {
+                load_or_compute_trunks(&benchmark, &config.features, fine_tune, &config.cache_dir)
+            })?;
+            tch::set_num_threads(config.train_threads as i32);
+            Some((trunks, fine_tune))
+        }
+        None => None,
+    };
+    let mut fusion_tails = None;
     for variant in variants {
         let stage = format!("train_{}", variant.as_str());
-        let heads = stopwatch.time(&stage, || {
-            train_heads_with(
-                &benchmark,
-                &features,
-                &config.training,
-                variant,
-                Some(&checkpointing(variant)),
-            )
-        })?;
+        let heads = match (&trunks, variant) {
+            // Only the DenseBert4Ret model fine-tunes; the baselines stay on frozen features.
+            (Some((trunks, fine_tune)), Variant::Fusion) => {
+                let tails = Tails::load(&config.features, fine_tune)?;
+                let heads = stopwatch.time(&stage, || {
+                    fine_tune_heads(
+                        &benchmark,
+                        trunks,
+                        &tails,
+                        fine_tune,
+                        &config.training,
+                        variant,
+                        Some(&checkpointing(variant)),
+                    )
+                })?;
+                fusion_tails = Some(tails);
+                heads
+            }
+            _ => stopwatch.time(&stage, || {
+                train_heads_with(
+                    &benchmark,
+                    &features,
+                    &config.training,
+                    variant,
+                    Some(&checkpointing(variant)),
+                )
+            })?,
+        };
         trained.push((variant, heads));
     }
+    let tuned_features = match (&trunks, &fusion_tails) {
+        (Some((trunks, _)), Some(tails)) => {
+            Some(stopwatch.time("tuned_features", || Ok(tails.features(trunks)))?)
+        }
+        _ => None,
+    };
     let find = |wanted: Variant| {
         trained
             .iter()
@@ -150,6 +190,7 @@ pub fn run(config: &RunConfig) -> Result<RunReport> {
         fusion,
         text_only,
         tirg: find(Variant::Tirg),
+        fusion_features: tuned_features.as_ref(),
     };
     let evaluation = stopwatch.time("evaluate", || {
         evaluate_benchmark(&benchmark, &features, &set)
@@ -209,6 +250,7 @@ pub fn run(config: &RunConfig) -> Result<RunReport> {
             train_threads: config.train_threads,
             quick: config.quick,
             train_tirg: config.train_tirg,
+            fine_tune: config.fine_tune.clone(),
         },
     };
 
@@ -217,8 +259,14 @@ pub fn run(config: &RunConfig) -> Result<RunReport> {
     let write_started = Instant::now();
     tracing::info!(stage = "write_model", "stage started");
     let model_config = model_config(config)?;
-    let staging = write_staged_model(config, &model_config, fusion)?;
-    verify_reload(&staging, &benchmark, &features, fusion)?;
+    let staging = write_staged_model(config, &model_config, fusion, fusion_tails.as_ref())?;
+    match &tuned_features {
+        Some(tuned) => {
+            verify_reload(&staging, &benchmark, tuned, fusion)?;
+            verify_tuned_backbones(&staging, &model_config, &benchmark, config, tuned)?;
+        }
+        None => verify_reload(&staging, &benchmark, &features, fusion)?,
+    }
     for (variant, heads) in &trained {
         if *variant != Variant::Fusion {
             save_baseline(&staging, *variant, &heads.heads)?;
@@ -315,6 +363,7 @@ fn write_staged_model(
     config: &RunConfig,
     model_config: &ModelConfig,
     heads: &Heads,
+    tails: Option<&Tails>,
 ) -> Result<PathBuf> {
     let staging = sibling(&config.output_dir, "new")?;
     if let Some(parent) = staging.parent() {
@@ -325,14 +374,107 @@ fn write_staged_model(
         std::fs::remove_dir_all(&staging)
             .map_err(|error| TrainerError::io("failed to remove", &staging, error))?;
     }
-    write_model_dir(
-        &staging,
-        model_config,
-        &config.features.image_weights,
-        &config.features.text_dir,
-        &heads.store,
-    )?;
+    let Some(tails) = tails else {
+        write_model_dir(
+            &staging,
+            model_config,
+            &config.features.image_weights,
+            &config.features.text_dir,
+            &heads.store,
+        )?;
+        return Ok(staging);
+    };
+
+    // The model directory takes copies of the backbone files, so the tuned weights go to
+    // files of their own first.
+    let tuned = sibling(&config.output_dir, "tuned")?;
+    let image_weights = tuned.join("image_backbone.safetensors");
+    let text_dir = tuned.join("text_encoder");
+    let written = tails.save(&image_weights, &text_dir).and_then(|()| {
+        write_model_dir(
+            &staging,
+            model_config,
+            &image_weights,
+            &text_dir,
+            &heads.store,
+        )
+        .map_err(TrainerError::from)
+    });
+    if let Err(error) = std::fs::remove_dir_all(&tuned) {
+        tracing::warn!(path = %tuned.display(), %error, "failed to remove the tuned weights");
+    }
+    written?;
     Ok(staging)
+}
+
+/// Rows of each catalog and text list compared between the reloaded backbones and the
+/// tuned features.
+const VERIFY_ROWS: usize = 8;
+
+/// Loads the backbones written to `dir` and checks that they give the tuned features on
+/// the first test images and texts, decoded and tokenized from scratch.
+fn verify_tuned_backbones(
+    dir: &Path,
+    model_config: &ModelConfig,
+    benchmark: &Benchmark,
+    config: &RunConfig,
+    tuned: &Features,
+) -> Result<()> {
+    let spec = FeatureSpec {
+        image_weights: dir.join(&model_config.image_backbone.weights),
+        text_dir: dir.join(
+            Path::new(&model_config.text_encoder.config)
+                .parent()
+                .unwrap_or(Path::new("")),
+        ),
+        ..config.features.clone()
+    };
+
+    let backbones = Backbones::load(
+        spec.architecture,
+        &spec.image_weights,
+        &spec.text_dir,
+        spec.pooling,
+        "",
+        Device::Cpu,
+    )?;
+    let catalog = benchmark.test_catalogs.first().ok_or_else(|| {
+        TrainerError::InvalidInput(format!("{} has no test catalog", benchmark.spec))
+    })?;
+
+    let images = &catalog[..catalog.len().min(VERIFY_ROWS)];
+    let image_features = map_images(&benchmark.images, images, &spec, "verify images", |batch| {
+        Ok(backbones.f_image_features(batch)?)
+    })?;
+    let texts = &benchmark.texts[..benchmark.texts.len().min(VERIFY_ROWS)];
+    let text_features = Tensor::cat(
+        &map_texts(texts, &spec, |ids, mask| {
+            Ok(backbones.f_text_features(ids, mask)?)
+        })?
+        .into_iter()
+        .map(|(rows, _)| rows)
+        .collect::<Vec<_>>(),
+        0,
+    );
+
+    let image_difference = (image_features
+        - tuned.test_images[0].narrow(0, 0, images.len() as i64))
+    .abs()
+    .max()
+    .double_value(&[]);
+    let text_difference = (text_features - tuned.texts.narrow(0, 0, texts.len() as i64))
+        .abs()
+        .max()
+        .double_value(&[]);
+    if image_difference > RELOAD_TOLERANCE || text_difference > RELOAD_TOLERANCE {
+        return Err(TrainerError::InvalidInput(format!(
+            "the backbones written to {} differ from the tuned ones (max image feature difference \
+             {image_difference:e}, text feature difference {text_difference:e})",
+            dir.display()
+        )));
+    }
+    tracing::info!(dir = %dir.display(), image_difference, text_difference, "reloaded backbones match the tuned ones");
+    Ok(())
 }
 
 /// Loads the written directory and checks that it embeds like the in-memory heads.

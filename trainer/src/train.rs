@@ -13,11 +13,12 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::benchmark::{Benchmark, RowQuery};
 use crate::error::{Result, TrainerError};
 use crate::features::Features;
+use crate::finetune::{FineTuneSpec, Tails, Trunks};
 use crate::heads::{CompositionKind, Heads};
 use crate::loss::{soft_triplet_loss, triplet_loss, Loss, Mining};
 use crate::metrics::{best_relevant_ranks, recall_at, RankingInput};
@@ -210,13 +211,132 @@ pub fn train_heads_with(
     variant: Variant,
     checkpointing: Option<&Checkpointing>,
 ) -> Result<TrainedHeads> {
+    train_on(
+        benchmark,
+        &Inputs::Frozen(features),
+        settings,
+        variant,
+        checkpointing,
+    )
+}
+
+/// Trains heads together with the backbone tails of `tails`, which run on the cached trunk
+/// outputs. The tails keep the weights of the best epoch, like the heads.
+///
+/// Checkpoints, resume and early stopping work as in [`train_heads_with`]; the checkpoint
+/// also contains the tail weights and their optimiser moments.
+pub fn fine_tune_heads(
+    benchmark: &Benchmark,
+    trunks: &Trunks,
+    tails: &Tails,
+    fine_tune: &FineTuneSpec,
+    settings: &TrainSettings,
+    variant: Variant,
+    checkpointing: Option<&Checkpointing>,
+) -> Result<TrainedHeads> {
+    train_on(
+        benchmark,
+        &Inputs::Tuned {
+            trunks,
+            tails,
+            fine_tune,
+        },
+        settings,
+        variant,
+        checkpointing,
+    )
+}
+
+/// Source of the backbone features of a training.
+enum Inputs<'a> {
+    /// Cached features of frozen backbones.
+    Frozen(&'a Features),
+    /// Backbone tails trained on cached trunk outputs.
+    Tuned {
+        trunks: &'a Trunks,
+        tails: &'a Tails,
+        fine_tune: &'a FineTuneSpec,
+    },
+}
+
+impl Inputs<'_> {
+    fn image_dim(&self) -> i64 {
+        match self {
+            Inputs::Frozen(features) => features.image_dim(),
+            Inputs::Tuned { tails, .. } => tails.image_dim(),
+        }
+    }
+
+    fn text_dim(&self) -> i64 {
+        match self {
+            Inputs::Frozen(features) => features.text_dim(),
+            Inputs::Tuned { tails, .. } => tails.text_dim(),
+        }
+    }
+
+    /// Features of training catalog rows, with gradients through a tuned tail.
+    fn train_images(&self, rows: &[i64]) -> Tensor {
+        let rows = Tensor::from_slice(rows);
+        match self {
+            Inputs::Frozen(features) => features.train_images.index_select(0, &rows),
+            Inputs::Tuned { trunks, tails, .. } => {
+                tails.image_features(&trunks.train_images.index_select(0, &rows))
+            }
+        }
+    }
+
+    /// Features of text rows; `train` turns the tuned text layers' dropout on.
+    fn texts(&self, rows: &[i64], train: bool) -> Tensor {
+        match self {
+            Inputs::Frozen(features) => features.texts.index_select(0, &Tensor::from_slice(rows)),
+            Inputs::Tuned { trunks, tails, .. } => tails.text_features(trunks, rows, train),
+        }
+    }
+
+    /// Features of the whole validation catalog, without gradients.
+    fn validation_catalog(&self) -> Tensor {
+        match self {
+            Inputs::Frozen(features) => features.validation_catalog().shallow_clone(),
+            Inputs::Tuned { trunks, tails, .. } => tails.embed_images(
+                trunks
+                    .validation_images
+                    .as_ref()
+                    .unwrap_or(&trunks.train_images),
+            ),
+        }
+    }
+
+    /// Features of text rows in eval mode, without gradients.
+    fn eval_texts(&self, rows: &[i64]) -> Tensor {
+        match self {
+            Inputs::Frozen(features) => features.texts.index_select(0, &Tensor::from_slice(rows)),
+            Inputs::Tuned { trunks, tails, .. } => tails.embed_texts(trunks, rows),
+        }
+    }
+
+    /// Backbone variables that train with the heads.
+    fn tail_variables(&self) -> &[(String, Tensor)] {
+        match self {
+            Inputs::Frozen(_) => &[],
+            Inputs::Tuned { tails, .. } => tails.variables(),
+        }
+    }
+}
+
+fn train_on(
+    benchmark: &Benchmark,
+    inputs: &Inputs<'_>,
+    settings: &TrainSettings,
+    variant: Variant,
+    checkpointing: Option<&Checkpointing>,
+) -> Result<TrainedHeads> {
     validate(settings, benchmark)?;
     // Initialisation and dropout draw from libtorch's process-wide generator, so two
     // trainings in one process would interleave their draws without this lock.
     let _generator = generator_lock();
     tch::manual_seed(settings.seed as i64);
-    let image_dim = features.image_dim();
-    let text_dim = features.text_dim();
+    let image_dim = inputs.image_dim();
+    let text_dim = inputs.text_dim();
     let composition = variant.composition();
     let mut heads = Heads::with_composition(composition, image_dim, text_dim, &settings.head);
     let mut best = Heads::with_composition(composition, image_dim, text_dim, &settings.head);
@@ -237,16 +357,25 @@ pub fn train_heads_with(
         .collect();
 
     let mut optimizer = Optimizer::new(&heads.store, settings.optimizer, settings.weight_decay);
+    let tail = inputs.tail_variables();
+    // The tail weights of the best epoch, copied like the heads' `best`.
+    let best_tail: Vec<(String, Tensor)> = tail
+        .iter()
+        .map(|(name, variable)| (name.clone(), variable.detach().copy()))
+        .collect();
+    if let Inputs::Tuned { fine_tune, .. } = inputs {
+        optimizer.add_variables(tail, fine_tune.learning_rate_scale);
+    }
     let steps_per_epoch = train.targets.len().div_ceil(settings.batch_size);
     let total_steps = steps_per_epoch * settings.epochs;
     let mut state = TrainingState::default();
-    let fingerprint = run_fingerprint(settings, variant, benchmark, features)?;
+    let fingerprint = run_fingerprint(settings, variant, benchmark, inputs)?;
     if let Some(checkpointing) = checkpointing.filter(|checkpointing| checkpointing.resume) {
         if let Some(loaded) = load_checkpoint(
             &checkpointing.dir,
             &fingerprint,
-            &heads,
-            &best,
+            (&heads, tail),
+            (&best, &best_tail),
             &mut optimizer,
         )? {
             state = loaded;
@@ -262,6 +391,7 @@ pub fn train_heads_with(
         {
             if epoch - first_epoch >= limit {
                 heads.store.copy(&best.store)?;
+                copy_variables(tail, &best_tail)?;
                 return Ok(TrainedHeads {
                     heads,
                     history: state.history,
@@ -307,11 +437,15 @@ pub fn train_heads_with(
                 positives.push(candidates[rng.gen_range(0..candidates.len())]);
             }
 
-            let image_input = reference_features(&features.train_images, &references, variant);
-            let text_input = features.texts.index_select(0, &Tensor::from_slice(&texts));
-            let positive_input = features
-                .train_images
-                .index_select(0, &Tensor::from_slice(&positives));
+            let image_input = match variant {
+                Variant::Fusion | Variant::Tirg => inputs.train_images(&references),
+                Variant::TextOnly => Tensor::zeros(
+                    [references.len() as i64, image_dim],
+                    (Kind::Float, Device::Cpu),
+                ),
+            };
+            let text_input = inputs.texts(&texts, true);
+            let positive_input = inputs.train_images(&positives);
             let anchors = heads.compose_t(&image_input, &text_input, true);
             let positive_embeddings = heads.projection.forward_t(&positive_input, true);
             let targets = Tensor::from_slice(&targets);
@@ -345,7 +479,7 @@ pub fn train_heads_with(
         }
         bar.finish_and_clear();
 
-        let recall = validation_recall(&heads, features, &validation, &validation_codes, variant)?;
+        let recall = validation_recall(&heads, inputs, &validation, &validation_codes, variant)?;
         let record = EpochRecord {
             epoch,
             loss: loss_sum / steps_per_epoch as f64,
@@ -369,6 +503,7 @@ pub fn train_heads_with(
             state.best_epoch = epoch;
             state.epochs_without_improvement = 0;
             best.store.copy(&heads.store)?;
+            copy_variables(&best_tail, tail)?;
         } else {
             state.epochs_without_improvement += 1;
         }
@@ -377,8 +512,8 @@ pub fn train_heads_with(
                 &checkpointing.dir,
                 &fingerprint,
                 &state,
-                &heads,
-                &best,
+                (&heads, tail),
+                (&best, &best_tail),
                 &optimizer,
             )?;
         }
@@ -394,6 +529,7 @@ pub fn train_heads_with(
         );
     }
     heads.store.copy(&best.store)?;
+    copy_variables(tail, &best_tail)?;
     tracing::info!(
         variant = variant.as_str(),
         best_epoch = state.best_epoch,
@@ -469,18 +605,22 @@ fn run_fingerprint(
     settings: &TrainSettings,
     variant: Variant,
     benchmark: &Benchmark,
-    features: &Features,
+    inputs: &Inputs<'_>,
 ) -> Result<String> {
-    let described = serde_json::json!({
+    let mut described = serde_json::json!({
         "settings": settings,
         "variant": variant.as_str(),
         "train_queries": benchmark.train_queries.len() + benchmark.two_step_train_queries.len(),
         "train_images": benchmark.train_catalog.len(),
         "validation_queries": benchmark.validation_queries.len(),
         "validation_images": benchmark.validation_catalog.as_ref().map_or(0, Vec::len),
-        "image_dim": features.image_dim(),
-        "text_dim": features.text_dim(),
+        "image_dim": inputs.image_dim(),
+        "text_dim": inputs.text_dim(),
     });
+    // Frozen runs keep the fingerprint they always had, so their checkpoints stay resumable.
+    if let Inputs::Tuned { fine_tune, .. } = inputs {
+        described["fine_tune"] = serde_json::json!(fine_tune);
+    }
     let bytes = serde_json::to_vec(&described)
         .map_err(|error| TrainerError::InvalidInput(error.to_string()))?;
     Ok(hex::encode(Sha256::digest(&bytes)))
@@ -490,18 +630,20 @@ fn save_checkpoint(
     dir: &Path,
     fingerprint: &str,
     state: &TrainingState,
-    heads: &Heads,
-    best: &Heads,
+    current: (&Heads, &[(String, Tensor)]),
+    best: (&Heads, &[(String, Tensor)]),
     optimizer: &Optimizer,
 ) -> Result<()> {
     std::fs::create_dir_all(dir)
         .map_err(|error| TrainerError::io("failed to create", dir, error))?;
     let mut named: Vec<(String, Tensor)> = Vec::new();
-    for (name, tensor) in heads.store.variables() {
-        named.push((format!("w.{name}"), tensor));
-    }
-    for (name, tensor) in best.store.variables() {
-        named.push((format!("best.{name}"), tensor));
+    for (prefix, (heads, tail)) in [("w", current), ("best", best)] {
+        for (name, tensor) in heads.store.variables() {
+            named.push((format!("{prefix}.{name}"), tensor));
+        }
+        for (name, tensor) in tail {
+            named.push((format!("{prefix}.{name}"), tensor.shallow_clone()));
+        }
     }
     named.extend(optimizer.state_tensors());
 
@@ -538,8 +680,8 @@ fn save_checkpoint(
 fn load_checkpoint(
     dir: &Path,
     fingerprint: &str,
-    heads: &Heads,
-    best: &Heads,
+    current: (&Heads, &[(String, Tensor)]),
+    best: (&Heads, &[(String, Tensor)]),
     optimizer: &mut Optimizer,
 ) -> Result<Option<TrainingState>> {
     let state_path = dir.join(CHECKPOINT_STATE);
@@ -577,8 +719,12 @@ fn load_checkpoint(
         .iter()
         .map(|(name, tensor)| (name.as_str(), tensor))
         .collect();
-    for (prefix, store) in [("w", &heads.store), ("best", &best.store)] {
-        for (name, mut variable) in store.variables() {
+    for (prefix, (heads, tail)) in [("w", current), ("best", best)] {
+        let variables = heads.store.variables().into_iter().chain(
+            tail.iter()
+                .map(|(name, tensor)| (name.clone(), tensor.shallow_clone())),
+        );
+        for (name, mut variable) in variables {
             let key = format!("{prefix}.{name}");
             let stored = lookup.get(key.as_str()).ok_or_else(|| {
                 TrainerError::InvalidInput(format!(
@@ -671,18 +817,16 @@ fn reference_features(image_features: &Tensor, rows: &[i64], variant: Variant) -
 
 fn validation_recall(
     heads: &Heads,
-    features: &Features,
+    inputs: &Inputs<'_>,
     rows: &QueryRows,
     catalog_codes: &[i64],
     variant: Variant,
 ) -> Result<f64> {
-    let catalog_images = features.validation_catalog();
-    let image_input = reference_features(catalog_images, &rows.references, variant);
-    let text_input = features
-        .texts
-        .index_select(0, &Tensor::from_slice(&rows.texts));
+    let catalog_images = inputs.validation_catalog();
+    let image_input = reference_features(&catalog_images, &rows.references, variant);
+    let text_input = inputs.eval_texts(&rows.texts);
     let queries = heads.compose(&image_input, &text_input);
-    let catalog = heads.project(catalog_images);
+    let catalog = heads.project(&catalog_images);
     let excluded: Vec<Option<usize>> = rows
         .references
         .iter()
@@ -696,4 +840,14 @@ fn validation_recall(
         excluded: &excluded,
     })?;
     Ok(recall_at(&ranks, VALIDATION_CUTOFF))
+}
+
+/// Copies each tensor of `source` into the variable of `target` at the same position.
+fn copy_variables(target: &[(String, Tensor)], source: &[(String, Tensor)]) -> Result<()> {
+    tch::no_grad(|| {
+        for ((_, target), (_, source)) in target.iter().zip(source) {
+            target.shallow_clone().f_copy_(source)?;
+        }
+        Ok(())
+    })
 }

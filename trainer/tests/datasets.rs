@@ -2,21 +2,26 @@
 //! Fashion-MNIST colours: the published datasets from fixture folders written in
 //! their published layouts, and easy-VQA shapes from its packaged data. Each run
 //! must write a metrics file with the Recall@K cut-offs of the dataset's protocol.
+//! Fine-tuning of the last image block and the top text layer runs on the MIT-States
+//! fixture: the written model directory, its re-evaluation, and a resumed fine-tuning.
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use densebert4ret_datasets::{default_data_dir, DatasetSpec};
 use densebert4ret_model::{HeadConfig, ImageArchitecture, Pooling};
-use densebert4ret_trainer::benchmark::BenchmarkConfig;
+use densebert4ret_trainer::benchmark::{Benchmark, BenchmarkConfig};
 use densebert4ret_trainer::evaluate::Method;
 use densebert4ret_trainer::features::FeatureSpec;
+use densebert4ret_trainer::finetune::{load_or_compute_trunks, FineTuneSpec, Tails};
 use densebert4ret_trainer::offline::{evaluate_model_dir, EvaluateConfig};
 use densebert4ret_trainer::report::{Metrics, METRICS_FILE};
 use densebert4ret_trainer::run::{run, RunConfig};
-use densebert4ret_trainer::train::TrainSettings;
+use densebert4ret_trainer::train::{fine_tune_heads, Checkpointing, TrainSettings, Variant};
 use image::{Rgb, RgbImage};
+use tch::Tensor;
 
 /// Root of the trained weights: `$DB4R_ARTIFACTS`, or `artifacts/` of the workspace.
 fn artifacts() -> PathBuf {
@@ -188,6 +193,7 @@ fn tiny_config(dataset: DatasetSpec, work: &Path) -> RunConfig {
         train_tirg: true,
         checkpoint_dir: work.join("checkpoints"),
         resume: false,
+        fine_tune: None,
     }
 }
 
@@ -344,5 +350,172 @@ fn easyvqa_shapes_trains_with_two_step_table() {
             "{:?}",
             result.per_kind
         );
+    }
+}
+
+fn fine_tune_spec() -> FineTuneSpec {
+    // A full-rate backbone update, so that two short epochs move the tail weights.
+    FineTuneSpec {
+        text_layers: 1,
+        learning_rate_scale: 1.0,
+    }
+}
+
+/// Returns the tiny MIT-States run with the fusion model's tails fine-tuned.
+fn fine_tune_config(root: &Path, work: &Path) -> RunConfig {
+    let dataset: DatasetSpec = format!("mit-states:{}", root.display()).parse().unwrap();
+    RunConfig {
+        train_tirg: false,
+        fine_tune: Some(fine_tune_spec()),
+        ..tiny_config(dataset, work)
+    }
+}
+
+fn tensors(path: &Path) -> BTreeMap<String, Tensor> {
+    Tensor::read_safetensors(path)
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+/// Names of the tensors of `tuned` that differ from those of `original`.
+fn changed(original: &Path, tuned: &Path) -> Vec<String> {
+    let original = tensors(original);
+    tensors(tuned)
+        .into_iter()
+        .filter(|(name, tensor)| {
+            let before = &original[name];
+            (tensor - before).abs().max().double_value(&[]) > 0.0
+        })
+        .map(|(name, _)| name)
+        .collect()
+}
+
+#[test]
+fn fine_tuned_run_writes_tuned_tails_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("mit-states");
+    mit_states_fixture(&root);
+    let work = dir.path().join("run");
+    let config = fine_tune_config(&root, &work);
+    let report = run(&config).unwrap();
+    assert_eq!(report.metrics.config.fine_tune, Some(fine_tune_spec()));
+
+    let model = &config.output_dir;
+    let image_changes = changed(
+        &config.features.image_weights,
+        &model.join("image_backbone.safetensors"),
+    );
+    assert!(
+        !image_changes.is_empty(),
+        "fine-tuning left the image backbone unchanged"
+    );
+    for name in &image_changes {
+        let in_tail = ["_blocks.15.", "_conv_head.", "_bn1."]
+            .iter()
+            .any(|prefix| name.starts_with(prefix));
+        assert!(in_tail, "{name} changed, but it is below the last block");
+    }
+    let text_changes = changed(
+        &config.features.text_dir.join("model.safetensors"),
+        &model.join("text_encoder/model.safetensors"),
+    );
+    assert!(
+        !text_changes.is_empty(),
+        "fine-tuning left the text encoder unchanged"
+    );
+    for name in &text_changes {
+        assert!(
+            name.starts_with("encoder.layer.5."),
+            "{name} changed, but it is below the top layer"
+        );
+    }
+
+    // Re-evaluation reads the tuned backbones for the fusion model and the recorded frozen
+    // ones for the baselines, so it reproduces every method's recalls.
+    let evaluate = EvaluateConfig {
+        model_dir: model.clone(),
+        dataset: None,
+        cache_dir: work.join("cache"),
+        output_dir: dir.path().join("evaluation"),
+        data_dir: None,
+        threads: 1,
+    };
+    let (evaluation, _) = evaluate_model_dir(&evaluate).unwrap();
+    for (method, result) in &report.metrics.methods {
+        assert_eq!(
+            evaluation.methods[method].recalls, result.recalls,
+            "{method} evaluated differently"
+        );
+    }
+}
+
+#[test]
+fn resumed_fine_tuning_matches_uninterrupted() {
+    // The thread count is process-wide and changes the summation order of the tail's
+    // convolutions; the other tests of this binary run with one thread too.
+    tch::set_num_threads(1);
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("mit-states");
+    mit_states_fixture(&root);
+    let work = dir.path().join("run");
+    let config = fine_tune_config(&root, &work);
+    let spec = fine_tune_spec();
+    let benchmark = Benchmark::build(&config.benchmark).unwrap();
+    let (trunks, _) =
+        load_or_compute_trunks(&benchmark, &config.features, &spec, &config.cache_dir).unwrap();
+    let train = |tails: &Tails, checkpointing: Option<&Checkpointing>| {
+        fine_tune_heads(
+            &benchmark,
+            &trunks,
+            tails,
+            &spec,
+            &config.training,
+            Variant::Fusion,
+            checkpointing,
+        )
+        .unwrap()
+    };
+
+    let uninterrupted_tails = Tails::load(&config.features, &spec).unwrap();
+    let uninterrupted = train(&uninterrupted_tails, None);
+
+    let checkpoint_dir = work.join("checkpoint");
+    let interrupted_tails = Tails::load(&config.features, &spec).unwrap();
+    let first = train(
+        &interrupted_tails,
+        Some(&Checkpointing {
+            dir: checkpoint_dir.clone(),
+            resume: false,
+            stop_after_epochs: Some(1),
+        }),
+    );
+    assert_eq!(first.history.len(), 1);
+    let resumed_tails = Tails::load(&config.features, &spec).unwrap();
+    let resumed = train(
+        &resumed_tails,
+        Some(&Checkpointing {
+            dir: checkpoint_dir,
+            resume: true,
+            stop_after_epochs: None,
+        }),
+    );
+
+    assert_eq!(resumed.history.len(), uninterrupted.history.len());
+    for (resumed, uninterrupted) in resumed.history.iter().zip(&uninterrupted.history) {
+        assert_eq!(resumed.loss, uninterrupted.loss, "epoch {}", resumed.epoch);
+        assert_eq!(
+            resumed.validation_recall_at_10, uninterrupted.validation_recall_at_10,
+            "epoch {}",
+            resumed.epoch
+        );
+    }
+    for ((name, resumed), (_, uninterrupted)) in resumed_tails
+        .variables()
+        .iter()
+        .zip(uninterrupted_tails.variables())
+    {
+        let difference = (resumed - uninterrupted).abs().max().double_value(&[]);
+        assert_eq!(difference, 0.0, "{name} differs after resuming");
     }
 }

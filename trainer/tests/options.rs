@@ -347,6 +347,7 @@ fn same_seed_gives_identical_metrics() {
             fusion: &fusion.heads,
             text_only: &text_only.heads,
             tirg: Some(&tirg.heads),
+            fusion_features: None,
         };
         let evaluation = evaluate_benchmark(&benchmark, &features, &set).unwrap();
         let (single, two_step) = (evaluation.single_step, evaluation.two_step);
@@ -417,6 +418,7 @@ fn evaluation_files_parse_and_decode() {
         fusion: &fusion.heads,
         text_only: &text_only.heads,
         tirg: Some(&tirg.heads),
+        fusion_features: None,
     };
     let evaluation = evaluate_benchmark(&benchmark, &features, &set).unwrap();
     let (single, two_step) = (evaluation.single_step, evaluation.two_step);
@@ -495,6 +497,7 @@ fn evaluation_files_parse_and_decode() {
             train_threads: 1,
             quick: true,
             train_tirg: true,
+            fine_tune: None,
         },
     };
     let tables = markdown_report(&single, &two_step);

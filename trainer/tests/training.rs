@@ -145,6 +145,7 @@ fn fusion_learns_to_compose() {
         fusion: &fusion.heads,
         text_only: &text_only.heads,
         tirg: None,
+        fusion_features: None,
     };
     let results = evaluate_benchmark(&benchmark, &features, &trained)
         .unwrap()
