@@ -64,17 +64,21 @@ impl fmt::Display for QueryKind {
     }
 }
 
-/// One of the two disjoint sets of phrasings.
+/// One of the three disjoint sets of phrasings.
 ///
 /// Training queries use [`Phrasing::Train`] and test queries [`Phrasing::Test`],
 /// so a test measures whether the model follows modification texts it never saw.
+/// [`Phrasing::Validation`] is a third set for choosing the best epoch, so that model
+/// selection also rewards following unseen texts without reading the test phrasings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Phrasing {
-    /// Phrasings for training and validation queries.
+    /// Phrasings for training queries.
     Train,
     /// Phrasings for test queries.
     Test,
+    /// Phrasings for validation queries, seen in neither training nor test.
+    Validation,
 }
 
 // Placeholders: {colour} is the colour name, {a_class} the class noun with its
@@ -118,6 +122,25 @@ const TEST_BOTH: &[&str] = &[
     "find {a_colour_class}",
 ];
 
+const VALIDATION_COLOUR: &[&str] = &[
+    "same item in {colour}",
+    "can i have it in {colour}",
+    "switch the colour to {colour}",
+    "in {colour} instead",
+];
+const VALIDATION_CLASS: &[&str] = &[
+    "replace it with {a_class}",
+    "this colour, but {a_class}",
+    "give me {a_class} like this",
+    "i need {a_class} in the same colour",
+];
+const VALIDATION_BOTH: &[&str] = &[
+    "get me {a_colour_class}",
+    "what about {a_colour_class}",
+    "i would like {a_colour_class}",
+    "{a_colour_class} instead",
+];
+
 impl Phrasing {
     /// Templates of this phrasing set for one query kind.
     pub fn templates(self, kind: QueryKind) -> &'static [&'static str] {
@@ -128,6 +151,9 @@ impl Phrasing {
             (Phrasing::Test, QueryKind::Colour) => TEST_COLOUR,
             (Phrasing::Test, QueryKind::Class) => TEST_CLASS,
             (Phrasing::Test, QueryKind::Both) => TEST_BOTH,
+            (Phrasing::Validation, QueryKind::Colour) => VALIDATION_COLOUR,
+            (Phrasing::Validation, QueryKind::Class) => VALIDATION_CLASS,
+            (Phrasing::Validation, QueryKind::Both) => VALIDATION_BOTH,
         }
     }
 

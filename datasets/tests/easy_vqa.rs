@@ -318,14 +318,27 @@ fn item_ids_round_trip() {
 
 #[test]
 fn phrasings_are_disjoint() {
-    let train = all_shape_texts(Phrasing::Train);
-    let test = all_shape_texts(Phrasing::Test);
-    let shared: Vec<&String> = train.intersection(&test).collect();
-    assert!(shared.is_empty(), "texts in both phrasing sets: {shared:?}");
-    // 4 templates per kind: 8 colours + 3 shapes + 24 (shape, colour) pairs.
-    assert_eq!(train.len(), 4 * (8 + 3 + 24));
-    assert_eq!(test.len(), 4 * (8 + 3 + 24));
-    for phrasing in [Phrasing::Train, Phrasing::Test] {
+    let phrasings = [Phrasing::Train, Phrasing::Test, Phrasing::Validation];
+    for (position, first) in phrasings.iter().enumerate() {
+        for second in &phrasings[position + 1..] {
+            let first_texts = all_shape_texts(*first);
+            let second_texts = all_shape_texts(*second);
+            let shared: Vec<&String> = first_texts.intersection(&second_texts).collect();
+            assert!(
+                shared.is_empty(),
+                "texts in {first:?} and {second:?}: {shared:?}"
+            );
+        }
+    }
+    for phrasing in phrasings {
+        // 4 templates per kind: 8 colours + 3 shapes + 24 (shape, colour) pairs.
+        assert_eq!(
+            all_shape_texts(phrasing).len(),
+            4 * (8 + 3 + 24),
+            "{phrasing:?}"
+        );
+    }
+    for phrasing in phrasings {
         for template in shape_templates(phrasing, QueryKind::Colour) {
             assert!(
                 template.contains("{colour}") && !template.contains("shape}"),

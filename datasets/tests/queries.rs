@@ -23,15 +23,21 @@ fn test_queries() -> &'static [Query] {
     QUERIES.get_or_init(|| default_test_queries(&data().test).unwrap())
 }
 
+const PHRASINGS: [Phrasing; 3] = [Phrasing::Train, Phrasing::Test, Phrasing::Validation];
+
 #[test]
 fn phrasing_templates_are_disjoint() {
-    for train_kind in QueryKind::ALL {
-        for test_kind in QueryKind::ALL {
-            for template in Phrasing::Train.templates(train_kind) {
-                assert!(
-                    !Phrasing::Test.templates(test_kind).contains(template),
-                    "{template:?} is in both sets"
-                );
+    for (position, first) in PHRASINGS.iter().enumerate() {
+        for second in &PHRASINGS[position + 1..] {
+            for first_kind in QueryKind::ALL {
+                for second_kind in QueryKind::ALL {
+                    for template in first.templates(first_kind) {
+                        assert!(
+                            !second.templates(second_kind).contains(template),
+                            "{template:?} is in {first:?} and {second:?}"
+                        );
+                    }
+                }
             }
         }
     }
@@ -39,18 +45,27 @@ fn phrasing_templates_are_disjoint() {
 
 #[test]
 fn phrasing_texts_are_disjoint() {
-    let train = Phrasing::Train.all_texts();
-    let test = Phrasing::Test.all_texts();
-    let shared: Vec<&String> = train.intersection(&test).collect();
-    assert!(shared.is_empty(), "texts in both phrasing sets: {shared:?}");
+    for (position, first) in PHRASINGS.iter().enumerate() {
+        for second in &PHRASINGS[position + 1..] {
+            let first_texts = first.all_texts();
+            let second_texts = second.all_texts();
+            let shared: Vec<&String> = first_texts.intersection(&second_texts).collect();
+            assert!(
+                shared.is_empty(),
+                "texts in {first:?} and {second:?}: {shared:?}"
+            );
+        }
+    }
     // 3 kinds x 4 templates x up to 80 (class, colour) fillings each.
-    assert!(train.len() > 300, "only {} train texts", train.len());
-    assert!(test.len() > 300, "only {} test texts", test.len());
+    for phrasing in PHRASINGS {
+        let count = phrasing.all_texts().len();
+        assert!(count > 300, "only {count} {phrasing:?} texts");
+    }
 }
 
 #[test]
 fn templates_name_the_changed_attributes() {
-    for phrasing in [Phrasing::Train, Phrasing::Test] {
+    for phrasing in PHRASINGS {
         for template in phrasing.templates(QueryKind::Colour) {
             assert!(template.contains("{colour}"), "{template:?}");
             assert!(!template.contains("class}"), "{template:?}");

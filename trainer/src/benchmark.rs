@@ -1,9 +1,9 @@
 //! The training and evaluation data of one run, in one form for every dataset.
 //!
 //! Fashion-MNIST colours keeps its own construction: a seeded subset of the
-//! train split with train-phrasing queries, validation queries over other
-//! train-split images that training never uses, and the test split as the
-//! catalog of the test and two-step queries. Every other dataset comes from the datasets crate's
+//! train split with train-phrasing queries, validation queries with phrasings
+//! of their own over other train-split images that training never uses, and
+//! the test split as the catalog of the test and two-step queries. Every other dataset comes from the datasets crate's
 //! [`RetrievalBenchmark`]: its training set, with the last
 //! `validation_queries` training queries held out, and its test query sets.
 //! Both end up as catalogs of [`BenchmarkItem`]s and queries that point at
@@ -47,8 +47,8 @@ pub struct BenchmarkConfig {
     pub train_images: Option<usize>,
     /// Training queries, drawn over the training images.
     pub train_queries: usize,
-    /// Validation queries: over `validation_images` unseen train-split images when that is
-    /// set, else held out from the training draw.
+    /// Validation queries: over `validation_images` unseen train-split images, with
+    /// validation phrasings, when that is set; else held out from the training draw.
     pub validation_queries: usize,
     /// Fashion-MNIST colours: train-split images outside the training subset that form the
     /// validation catalog. 0, the value of metrics files written before this field existed,
@@ -279,14 +279,14 @@ fn build_fashion_mnist(config: &BenchmarkConfig) -> Result<Benchmark> {
             config.validation_images,
             config.seed.wrapping_add(VALIDATION_POOL_SEED_OFFSET),
         )?;
-        // Train phrasings: the test phrasings stay unseen until the test, so that model
-        // selection cannot favour them.
+        // Validation phrasings: unseen in training like the test phrasings, which stay
+        // unread until the test, so that model selection cannot favour them.
         let queries = generate_queries(
             &data.train,
             &pool,
             &QueryConfig {
                 count: config.validation_queries,
-                phrasing: Phrasing::Train,
+                phrasing: Phrasing::Validation,
                 seed: config.seed.wrapping_add(VALIDATION_QUERY_SEED_OFFSET),
             },
         )?;

@@ -100,6 +100,25 @@ const TEST_BOTH: &[&str] = &[
     "i need {a_colour_shape}",
 ];
 
+const VALIDATION_COLOUR: &[&str] = &[
+    "colour it {colour}",
+    "make the shape {colour}",
+    "{colour} please",
+    "same shape but {colour}",
+];
+const VALIDATION_SHAPE: &[&str] = &[
+    "make it {a_shape}",
+    "change the shape to {a_shape}",
+    "i want {a_shape}",
+    "{a_shape} with the same colour",
+];
+const VALIDATION_BOTH: &[&str] = &[
+    "make it {a_colour_shape}",
+    "give me {a_colour_shape}",
+    "change it to {a_colour_shape}",
+    "{a_colour_shape} please",
+];
+
 /// easy-VQA templates of `phrasing` for one query kind ([`QueryKind::Class`] changes the shape).
 pub fn shape_templates(phrasing: Phrasing, kind: QueryKind) -> &'static [&'static str] {
     match (phrasing, kind) {
@@ -109,6 +128,9 @@ pub fn shape_templates(phrasing: Phrasing, kind: QueryKind) -> &'static [&'stati
         (Phrasing::Test, QueryKind::Colour) => TEST_COLOUR,
         (Phrasing::Test, QueryKind::Class) => TEST_SHAPE,
         (Phrasing::Test, QueryKind::Both) => TEST_BOTH,
+        (Phrasing::Validation, QueryKind::Colour) => VALIDATION_COLOUR,
+        (Phrasing::Validation, QueryKind::Class) => VALIDATION_SHAPE,
+        (Phrasing::Validation, QueryKind::Both) => VALIDATION_BOTH,
     }
 }
 
