@@ -140,11 +140,15 @@ pub struct Benchmark {
     pub test_catalogs: Vec<Vec<BenchmarkItem>>,
     /// Test query sets in the dataset's order.
     pub test_sets: Vec<TestSet>,
-    /// Sorted unique texts of the single-step queries. The feature cache is keyed on these.
+    /// Sorted unique texts of the single-step training and test queries, and of the
+    /// validation queries when they search the training images. The feature cache is keyed
+    /// on these.
     pub texts: Vec<String>,
-    /// Sorted unique joined texts of the two-step queries that are not in `texts`. Their
-    /// feature rows follow those of `texts`.
-    pub two_step_texts: Vec<String>,
+    /// Sorted unique texts that are not in `texts`: the joined texts of the two-step queries
+    /// and the texts of validation queries over a validation catalog. Their feature rows
+    /// follow those of `texts`, and they are cached apart, so that new validation or
+    /// two-step queries never rerun the image backbone.
+    pub extra_texts: Vec<String>,
     /// Set for Fashion-MNIST colours, whose feature cache is keyed by the training subset.
     pub fashion_mnist: Option<FashionMnistSubset>,
     text_rows: HashMap<String, usize>,
@@ -160,7 +164,7 @@ impl Benchmark {
     }
 
     /// Row of `text` in the text feature matrix: its row in [`Benchmark::texts`], or
-    /// `texts.len()` plus its row in [`Benchmark::two_step_texts`].
+    /// `texts.len()` plus its row in [`Benchmark::extra_texts`].
     pub fn text_row(&self, text: &str) -> Result<usize> {
         self.text_rows.get(text).copied().ok_or_else(|| {
             TrainerError::InvalidInput(format!("text {text:?} is not among the benchmark texts"))
@@ -206,26 +210,34 @@ impl Benchmark {
 
     /// Collects the texts of every query and assigns their feature rows.
     fn with_texts(mut self) -> Self {
+        // Validation queries over the training images keep their texts in `texts`, where
+        // feature caches written before validation catalogs existed have them.
+        let held_out: &[RowQuery] = if self.validation_catalog.is_none() {
+            &self.validation_queries
+        } else {
+            &[]
+        };
         let single_step: BTreeSet<String> = self
             .train_queries
             .iter()
-            .chain(&self.validation_queries)
+            .chain(held_out)
             .chain(self.single_step_sets().flat_map(|set| &set.queries))
             .map(|query| query.text.clone())
             .collect();
-        let two_step: BTreeSet<String> = self
+        let extra: BTreeSet<String> = self
             .two_step_train_queries
             .iter()
             .chain(self.two_step_set().into_iter().flat_map(|set| &set.queries))
+            .chain(&self.validation_queries)
             .map(|query| query.text.clone())
             .filter(|text| !single_step.contains(text))
             .collect();
         self.texts = single_step.into_iter().collect();
-        self.two_step_texts = two_step.into_iter().collect();
+        self.extra_texts = extra.into_iter().collect();
         self.text_rows = self
             .texts
             .iter()
-            .chain(&self.two_step_texts)
+            .chain(&self.extra_texts)
             .enumerate()
             .map(|(row, text)| (text.clone(), row))
             .collect();
@@ -401,7 +413,7 @@ fn build_fashion_mnist(config: &BenchmarkConfig) -> Result<Benchmark> {
         test_catalogs: vec![fashion_mnist_items(&data.test, &test_pool)?],
         test_sets,
         texts: Vec::new(),
-        two_step_texts: Vec::new(),
+        extra_texts: Vec::new(),
         fashion_mnist: Some(FashionMnistSubset {
             test_images: data.test.len(),
             train_pool,
@@ -559,7 +571,7 @@ fn build_retrieval(spec: &DatasetSpec, config: &BenchmarkConfig) -> Result<Bench
         test_catalogs,
         test_sets,
         texts: Vec::new(),
-        two_step_texts: Vec::new(),
+        extra_texts: Vec::new(),
         fashion_mnist: None,
         text_rows: HashMap::new(),
     };

@@ -143,8 +143,8 @@ pub fn load_or_compute(
         (features, CacheStatus::Miss)
     };
 
-    if !benchmark.two_step_texts.is_empty() {
-        let extra = load_or_compute_texts(&benchmark.two_step_texts, spec, cache_dir)?;
+    if !benchmark.extra_texts.is_empty() {
+        let extra = load_or_compute_texts(&benchmark.extra_texts, spec, cache_dir)?;
         features.texts = Tensor::cat(&[&features.texts, &extra], 0);
     }
     if let Some(items) = &benchmark.validation_catalog {
@@ -169,7 +169,7 @@ struct ImageCacheKey {
 }
 
 /// Loads or computes the image features of `items`, cached apart from the main features
-/// so that a new validation catalog never reruns the backbones over the others.
+/// so that a new validation catalog never reruns the backbone over the other catalogs.
 fn load_or_compute_images(
     items: &[BenchmarkItem],
     loader: &ImageLoader,

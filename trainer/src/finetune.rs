@@ -53,7 +53,7 @@ impl FineTuneSpec {
     pub fn validate(&self, encoder_layers: usize) -> Result<()> {
         if self.text_layers > encoder_layers {
             return Err(TrainerError::InvalidInput(format!(
-                "--fine-tune-text-layers is {}, but the text encoder has {encoder_layers} layers",
+                "--fine-tune-text-layers is {}, but the text encoder has {encoder_layers} layers; pass at most {encoder_layers}",
                 self.text_layers
             )));
         }
@@ -89,7 +89,7 @@ struct TrunkCacheKey {
     format: u32,
     features_digest: String,
     text_layers: usize,
-    two_step_texts: Vec<String>,
+    extra_texts: Vec<String>,
     validation_catalog_sha256: Option<String>,
 }
 
@@ -113,7 +113,7 @@ pub fn load_or_compute_trunks(
         format: TRUNK_CACHE_FORMAT,
         features_digest: features_digest(benchmark, spec)?,
         text_layers: fine_tune.text_layers,
-        two_step_texts: benchmark.two_step_texts.clone(),
+        extra_texts: benchmark.extra_texts.clone(),
         validation_catalog_sha256: benchmark
             .validation_catalog
             .as_deref()
@@ -172,7 +172,7 @@ fn compute_trunks(
     let texts: Vec<String> = benchmark
         .texts
         .iter()
-        .chain(&benchmark.two_step_texts)
+        .chain(&benchmark.extra_texts)
         .cloned()
         .collect();
     let text = backbones.text();
@@ -255,7 +255,7 @@ fn read_trunks(path: &Path, benchmark: &Benchmark, fine_tune: &FineTuneSpec) -> 
         }
         Ok(tensor)
     };
-    let text_count = benchmark.texts.len() + benchmark.two_step_texts.len();
+    let text_count = benchmark.texts.len() + benchmark.extra_texts.len();
     Ok(Trunks {
         train_images: take(TRAIN_IMAGES, benchmark.train_catalog.len())?,
         validation_images: benchmark
@@ -392,22 +392,21 @@ impl Tails {
         })
     }
 
-    /// Features of every image and text of `trunks` through the current tails, laid out as the
-    /// frozen features are, so that evaluation reads them the same way.
-    pub fn features(&self, trunks: &Trunks) -> Features {
+    /// Features of the test catalogs and of every text through the current tails, laid out
+    /// as the frozen features are, so that evaluation reads them the same way. Evaluation
+    /// reads no training or validation image, so `train_images` has no rows and
+    /// `validation_images` is `None`.
+    pub fn test_features(&self, trunks: &Trunks) -> Features {
         let text_rows: Vec<i64> = (0..trunks.texts.size()[0]).collect();
         Features {
-            train_images: self.embed_images(&trunks.train_images),
+            train_images: Tensor::zeros([0, self.image_dim()], (Kind::Float, Device::Cpu)),
             test_images: trunks
                 .test_images
                 .iter()
                 .map(|trunk| self.embed_images(trunk))
                 .collect(),
             texts: self.embed_texts(trunks, &text_rows),
-            validation_images: trunks
-                .validation_images
-                .as_ref()
-                .map(|trunk| self.embed_images(trunk)),
+            validation_images: None,
         }
     }
 

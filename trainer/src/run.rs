@@ -5,9 +5,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use densebert4ret_model::bert::BertConfig;
 use densebert4ret_model::{
     write_model_dir, Backbones, DenseBert4Ret, Device, ModelConfig, TextTokenizer, TokenOverflow,
-    TEXT_TOKENIZER_FILE,
+    TEXT_CONFIG_FILE, TEXT_TOKENIZER_FILE,
 };
 use tch::Tensor;
 
@@ -25,6 +26,10 @@ use crate::train::{fine_tune_heads, train_heads_with, Checkpointing, TrainSettin
 
 /// Largest difference allowed between the in-memory heads and the reloaded model directory.
 const RELOAD_TOLERANCE: f64 = 1e-5;
+
+/// Largest difference allowed between tuned features computed through the cached trunks and
+/// the reloaded backbones' whole forward pass, whose batches and padding differ.
+const BACKBONE_RELOAD_TOLERANCE: f64 = 1e-4;
 
 /// Everything a run needs.
 #[derive(Debug, Clone)]
@@ -127,6 +132,10 @@ pub fn run(config: &RunConfig) -> Result<RunReport> {
     }
     let trunks = match &config.fine_tune {
         Some(fine_tune) => {
+            // Check the settings before the trunk pass, which takes minutes.
+            let text_config =
+                BertConfig::from_file(&config.features.text_dir.join(TEXT_CONFIG_FILE))?;
+            fine_tune.validate(text_config.num_hidden_layers.max(0) as usize)?;
             tch::set_num_threads(config.threads as i32);
             let (trunks, _) = stopwatch.time("trunks", || {
                 load_or_compute_trunks(&benchmark, &config.features, fine_tune, &config.cache_dir)
@@ -171,7 +180,7 @@ pub fn run(config: &RunConfig) -> Result<RunReport> {
     }
     let tuned_features = match (&trunks, &fusion_tails) {
         (Some((trunks, _)), Some(tails)) => {
-            Some(stopwatch.time("tuned_features", || Ok(tails.features(trunks)))?)
+            Some(stopwatch.time("tuned_features", || Ok(tails.test_features(trunks)))?)
         }
         _ => None,
     };
@@ -240,7 +249,7 @@ pub fn run(config: &RunConfig) -> Result<RunReport> {
             test_queries: benchmark.test_query_count(),
             two_step_test_queries: benchmark.two_step_test_query_count(),
             catalog_images: benchmark.catalog_image_count(),
-            texts: benchmark.texts.len() + benchmark.two_step_texts.len(),
+            texts: benchmark.texts.len() + benchmark.extra_texts.len(),
         },
         config: RecordedConfig {
             benchmark: config.benchmark.clone(),
@@ -466,7 +475,7 @@ fn verify_tuned_backbones(
         .abs()
         .max()
         .double_value(&[]);
-    if image_difference > RELOAD_TOLERANCE || text_difference > RELOAD_TOLERANCE {
+    if image_difference > BACKBONE_RELOAD_TOLERANCE || text_difference > BACKBONE_RELOAD_TOLERANCE {
         return Err(TrainerError::InvalidInput(format!(
             "the backbones written to {} differ from the tuned ones (max image feature difference \
              {image_difference:e}, text feature difference {text_difference:e})",

@@ -314,6 +314,26 @@ impl Inputs<'_> {
         }
     }
 
+    /// Fails unless the inputs have one validation catalog row per validation image of
+    /// `benchmark`, or none when the validation queries search the training images.
+    fn check_validation_rows(&self, benchmark: &Benchmark) -> Result<()> {
+        let rows = match self {
+            Inputs::Frozen(features) => features.validation_images.as_ref(),
+            Inputs::Tuned { trunks, .. } => trunks.validation_images.as_ref(),
+        }
+        .map(|tensor| tensor.size()[0] as usize);
+        let expected = benchmark.validation_catalog.as_ref().map(Vec::len);
+        if rows != expected {
+            return Err(TrainerError::InvalidInput(format!(
+                "the benchmark has {} validation images, but the features have {}; compute the \
+                 features with features::load_or_compute for this benchmark",
+                expected.unwrap_or(0),
+                rows.unwrap_or(0)
+            )));
+        }
+        Ok(())
+    }
+
     /// Backbone variables that train with the heads.
     fn tail_variables(&self) -> &[(String, Tensor)] {
         match self {
@@ -331,6 +351,7 @@ fn train_on(
     checkpointing: Option<&Checkpointing>,
 ) -> Result<TrainedHeads> {
     validate(settings, benchmark)?;
+    inputs.check_validation_rows(benchmark)?;
     // Initialisation and dropout draw from libtorch's process-wide generator, so two
     // trainings in one process would interleave their draws without this lock.
     let _generator = generator_lock();
@@ -613,11 +634,14 @@ fn run_fingerprint(
         "train_queries": benchmark.train_queries.len() + benchmark.two_step_train_queries.len(),
         "train_images": benchmark.train_catalog.len(),
         "validation_queries": benchmark.validation_queries.len(),
-        "validation_images": benchmark.validation_catalog.as_ref().map_or(0, Vec::len),
         "image_dim": inputs.image_dim(),
         "text_dim": inputs.text_dim(),
     });
-    // Frozen runs keep the fingerprint they always had, so their checkpoints stay resumable.
+    // Runs without a validation catalog or fine-tuning keep the fingerprint they always had,
+    // so their checkpoints stay resumable.
+    if let Some(catalog) = &benchmark.validation_catalog {
+        described["validation_images"] = serde_json::json!(catalog.len());
+    }
     if let Inputs::Tuned { fine_tune, .. } = inputs {
         described["fine_tune"] = serde_json::json!(fine_tune);
     }

@@ -451,6 +451,31 @@ fn fine_tuned_run_writes_tuned_tails_only() {
 }
 
 #[test]
+fn fine_tune_text_layers_checked_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("mit-states");
+    mit_states_fixture(&root);
+    let work = dir.path().join("run");
+    let mut config = fine_tune_config(&root, &work);
+    config.fine_tune = Some(FineTuneSpec {
+        text_layers: 7,
+        ..fine_tune_spec()
+    });
+    let error = run(&config).unwrap_err().to_string();
+    assert!(error.contains("--fine-tune-text-layers is 7"), "{error}");
+    assert!(error.contains("pass at most 6"), "{error}");
+    let cached: Vec<_> = std::fs::read_dir(work.join("cache"))
+        .map(|entries| entries.flatten().map(|entry| entry.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        cached
+            .iter()
+            .all(|name| !name.to_string_lossy().starts_with("trunks-")),
+        "trunks were computed before the check: {cached:?}"
+    );
+}
+
+#[test]
 fn resumed_fine_tuning_matches_uninterrupted() {
     // The thread count is process-wide and changes the summation order of the tail's
     // convolutions; the other tests of this binary run with one thread too.

@@ -382,13 +382,13 @@ fn two_step_queries_join_texts_in_order() {
         assert_eq!(query.texts.len(), 2, "{query:?}");
         assert_eq!(query.text, join_modifications(&query.texts));
         let row = benchmark.text_row(&query.text).unwrap();
-        assert!(row < benchmark.texts.len() + benchmark.two_step_texts.len());
+        assert!(row < benchmark.texts.len() + benchmark.extra_texts.len());
     }
     // Single-step texts keep their rows, so the image feature cache key is unchanged.
     for (row, text) in benchmark.texts.iter().enumerate() {
         assert_eq!(benchmark.text_row(text).unwrap(), row);
     }
-    assert!(!benchmark.two_step_texts.is_empty());
+    assert!(!benchmark.extra_texts.is_empty());
 }
 
 fn decode_png(path: &std::path::Path) -> image::RgbImage {
@@ -469,7 +469,7 @@ fn evaluation_files_parse_and_decode() {
             test_queries: benchmark.test_query_count(),
             two_step_test_queries: benchmark.two_step_test_query_count(),
             catalog_images: benchmark.catalog_image_count(),
-            texts: benchmark.texts.len() + benchmark.two_step_texts.len(),
+            texts: benchmark.texts.len() + benchmark.extra_texts.len(),
         },
         config: RecordedConfig {
             benchmark: densebert4ret_trainer::benchmark::BenchmarkConfig {

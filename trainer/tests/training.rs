@@ -76,7 +76,8 @@ fn synthetic_features(benchmark: &Benchmark) -> Features {
             .then_some((query.target % COLOURS) as usize);
         named.insert(benchmark.text_row(&query.text).unwrap(), (class, colour));
     }
-    let mut text_values = vec![0f32; benchmark.texts.len() * WIDTH as usize];
+    let text_count = benchmark.texts.len() + benchmark.extra_texts.len();
+    let mut text_values = vec![0f32; text_count * WIDTH as usize];
     for (row, (class, colour)) in named {
         if let Some(class) = class {
             text_values[row * WIDTH as usize + class] = 1.0;
@@ -89,7 +90,7 @@ fn synthetic_features(benchmark: &Benchmark) -> Features {
     Features {
         train_images: image_codes(&benchmark.train_catalog),
         test_images: vec![image_codes(&benchmark.test_catalogs[0])],
-        texts: Tensor::from_slice(&text_values).view([benchmark.texts.len() as i64, WIDTH]),
+        texts: Tensor::from_slice(&text_values).view([text_count as i64, WIDTH]),
         validation_images: benchmark.validation_catalog.as_deref().map(image_codes),
     }
 }
@@ -313,8 +314,8 @@ fn validation_searches_unseen_train_images() {
             query.text
         );
         assert!(
-            benchmark.texts.contains(&query.text),
-            "validation text {:?} has no feature row",
+            benchmark.extra_texts.contains(&query.text),
+            "validation text {:?} is not among the texts cached apart",
             query.text
         );
     }
@@ -343,6 +344,18 @@ fn validation_searches_unseen_train_images() {
     .unwrap();
     assert!(held_out.validation_catalog.is_none());
     assert_eq!(held_out.validation_queries.len(), 300);
+}
+
+#[test]
+fn features_without_validation_rows_rejected() {
+    let benchmark = benchmark();
+    let mut features = synthetic_features(&benchmark);
+    features.validation_images = None;
+    let error = train_heads(&benchmark, &features, &settings(1), Variant::Fusion)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("400 validation images"), "{error}");
+    assert!(error.contains("load_or_compute"), "{error}");
 }
 
 #[test]

@@ -80,7 +80,7 @@ pub fn synthetic_features(benchmark: &Benchmark) -> Features {
         let colour = (query.kind == "colour" || query.kind == "both").then_some(colour);
         named.insert(benchmark.text_row(&query.text).unwrap(), (class, colour));
     }
-    let rows = benchmark.texts.len() + benchmark.two_step_texts.len();
+    let rows = benchmark.texts.len() + benchmark.extra_texts.len();
     let mut text_values = vec![0f32; rows * WIDTH as usize];
     for (row, (class, colour)) in named {
         if let Some(class) = class {
