@@ -53,6 +53,20 @@ pub struct FeatureSpec {
     pub pooling: Pooling,
 }
 
+impl FeatureSpec {
+    /// Loads the image backbone and the text encoder on the CPU.
+    pub fn load_backbones(&self) -> Result<Backbones> {
+        Ok(Backbones::load(
+            self.architecture,
+            &self.image_weights,
+            &self.text_dir,
+            self.pooling,
+            "",
+            Device::Cpu,
+        )?)
+    }
+}
+
 /// Cached features, rows aligned with the benchmark.
 #[derive(Debug)]
 pub struct Features {
@@ -183,27 +197,36 @@ fn load_or_compute_images(
         image_size: spec.image_size,
         items_sha256: catalog_sha256(items)?,
     };
+    load_or_compute_single(cache_dir, "images", &key, IMAGES, items.len(), || {
+        let backbones = spec.load_backbones()?;
+        image_features(&backbones, loader, items, spec, "validation images")
+    })
+}
+
+/// Loads the tensor `name` with `rows` rows from the cache file `<prefix>-<digest of key>`,
+/// or computes it with `compute` and writes that file.
+fn load_or_compute_single(
+    cache_dir: &Path,
+    prefix: &str,
+    key: &impl Serialize,
+    name: &str,
+    rows: usize,
+    compute: impl FnOnce() -> Result<Tensor>,
+) -> Result<Tensor> {
     let key_json =
-        serde_json::to_vec(&key).map_err(|error| TrainerError::InvalidInput(error.to_string()))?;
+        serde_json::to_vec(key).map_err(|error| TrainerError::InvalidInput(error.to_string()))?;
     let path = cache_dir.join(format!(
-        "images-{}.safetensors",
+        "{prefix}-{}.safetensors",
         &sha256_hex(&key_json)[..16]
     ));
-    if let Some(tensor) = read_single(&path, IMAGES, items.len())? {
-        tracing::info!(path = %path.display(), "loaded cached validation image features");
+    if let Some(tensor) = read_single(&path, name, rows)? {
+        tracing::info!(path = %path.display(), tensor = name, rows, "loaded cached features");
         return Ok(tensor);
     }
-    let backbones = Backbones::load(
-        spec.architecture,
-        &spec.image_weights,
-        &spec.text_dir,
-        spec.pooling,
-        "",
-        Device::Cpu,
-    )?;
-    let features = image_features(&backbones, loader, items, spec, "validation images")?;
-    write_single(cache_dir, &path, IMAGES, &features)?;
-    tracing::info!(path = %path.display(), images = items.len(), "wrote image feature cache");
+
+    let features = compute()?;
+    write_single(cache_dir, &path, name, &features)?;
+    tracing::info!(path = %path.display(), tensor = name, rows, "wrote feature cache");
     Ok(features)
 }
 
@@ -261,29 +284,10 @@ fn load_or_compute_texts(texts: &[String], spec: &FeatureSpec, cache_dir: &Path)
         pooling: spec.pooling,
         texts: texts.to_vec(),
     };
-    let key_json =
-        serde_json::to_vec(&key).map_err(|error| TrainerError::InvalidInput(error.to_string()))?;
-    let path = cache_dir.join(format!(
-        "texts-{}.safetensors",
-        &sha256_hex(&key_json)[..16]
-    ));
-    if let Some(tensor) = read_single(&path, TEXTS, texts.len())? {
-        tracing::info!(path = %path.display(), "loaded cached text features");
-        return Ok(tensor);
-    }
-
-    let backbones = Backbones::load(
-        spec.architecture,
-        &spec.image_weights,
-        &spec.text_dir,
-        spec.pooling,
-        "",
-        Device::Cpu,
-    )?;
-    let features = text_features(&backbones, texts, spec)?;
-    write_single(cache_dir, &path, TEXTS, &features)?;
-    tracing::info!(path = %path.display(), texts = texts.len(), "wrote text feature cache");
-    Ok(features)
+    load_or_compute_single(cache_dir, "texts", &key, TEXTS, texts.len(), || {
+        let backbones = spec.load_backbones()?;
+        text_features(&backbones, texts, spec)
+    })
 }
 
 fn cache_key(benchmark: &Benchmark, spec: &FeatureSpec) -> Result<CacheKey> {
@@ -371,14 +375,7 @@ pub(crate) fn sha256_file(path: &Path) -> Result<String> {
 
 fn compute(benchmark: &Benchmark, spec: &FeatureSpec) -> Result<Features> {
     let started = Instant::now();
-    let backbones = Backbones::load(
-        spec.architecture,
-        &spec.image_weights,
-        &spec.text_dir,
-        spec.pooling,
-        "",
-        Device::Cpu,
-    )?;
+    let backbones = spec.load_backbones()?;
 
     let test_images = benchmark
         .test_catalogs

@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use densebert4ret_model::{
-    Backbones, ImageTower, TextTower, TEXT_CONFIG_FILE, TEXT_TOKENIZER_FILE, TEXT_WEIGHTS_FILE,
+    ImageTower, TextTower, TEXT_CONFIG_FILE, TEXT_TOKENIZER_FILE, TEXT_WEIGHTS_FILE,
 };
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -143,14 +143,7 @@ fn compute_trunks(
     spec: &FeatureSpec,
     fine_tune: &FineTuneSpec,
 ) -> Result<Trunks> {
-    let backbones = Backbones::load(
-        spec.architecture,
-        &spec.image_weights,
-        &spec.text_dir,
-        spec.pooling,
-        "",
-        Device::Cpu,
-    )?;
+    let backbones = spec.load_backbones()?;
     let image = backbones.image();
     let trunk = |items: &[densebert4ret_datasets::BenchmarkItem], label: &str| {
         map_images(&benchmark.images, items, spec, label, |images| {

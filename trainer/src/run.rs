@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use densebert4ret_model::bert::BertConfig;
 use densebert4ret_model::{
-    write_model_dir, Backbones, DenseBert4Ret, Device, ModelConfig, TextTokenizer, TokenOverflow,
+    write_model_dir, DenseBert4Ret, Device, ModelConfig, TextTokenizer, TokenOverflow,
     TEXT_CONFIG_FILE, TEXT_TOKENIZER_FILE,
 };
 use tch::Tensor;
@@ -439,14 +439,7 @@ fn verify_tuned_backbones(
         ..config.features.clone()
     };
 
-    let backbones = Backbones::load(
-        spec.architecture,
-        &spec.image_weights,
-        &spec.text_dir,
-        spec.pooling,
-        "",
-        Device::Cpu,
-    )?;
+    let backbones = spec.load_backbones()?;
     let catalog = benchmark.test_catalogs.first().ok_or_else(|| {
         TrainerError::InvalidInput(format!("{} has no test catalog", benchmark.spec))
     })?;
